@@ -1,0 +1,274 @@
+"""Results tables (console, markdown, JSON) and plots.
+
+`write_summary` writes `summary.json` ({"stages": [{"name", "modalities", "metrics"}]}, metrics as
+produced by `unialign_jax.eval`, rates as fractions in [0, 1]) and `summary.md` (per stage: a table
+of modality pairs marked seen/unseen, then codebook, routing, forgetting and any other metrics; rates
+printed as percentages). Every file is written to a temporary file beside it and renamed into place,
+so a crash never leaves a half-written result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+from unialign_jax.eval.cross_modal import pair_status
+
+_PAIR_METRIC = re.compile(r"^(classification|localisation)/(\w+)->(\w+)$|^retrieval/(\w+)->(\w+)/R@(\d+)$")
+_RATE_PREFIXES = ("classification/", "localisation/", "retrieval/", "routing/")
+_MISSING = "-"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tables.
+
+
+def _format_cell(value: object) -> str:
+    if value is None:
+        return _MISSING
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        return f"{float(value):.2f}" if math.isfinite(value) else str(float(value))
+    return str(value)
+
+
+def format_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str], *, markdown: bool = False) -> str:
+    """Renders rows (dicts keyed by column name) as an aligned text table, or a markdown table.
+
+    Floats print with two decimals, missing cells and None as '-'. Columns holding only numbers (and
+    missing cells) are right-aligned, the others left-aligned.
+    """
+    cells = [[_format_cell(row.get(column)) for column in columns] for row in rows]
+    widths = [max([len(column)] + [len(line[i]) for line in cells]) for i, column in enumerate(columns)]
+    numeric = [
+        all(isinstance(row.get(c), (int, float, np.number, type(None))) for row in rows) for c in columns
+    ]
+
+    def line(values: Sequence[str]) -> str:
+        padded = [v.rjust(w) if right else v.ljust(w) for v, w, right in zip(values, widths, numeric)]
+        return f"| {' | '.join(padded)} |" if markdown else "  ".join(padded)
+
+    if markdown:
+        rule = "|" + "|".join("-" * (w + 1) + (":" if right else "-") for w, right in zip(widths, numeric)) + "|"
+    else:
+        rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(list(columns)), rule] + [line(values) for values in cells])
+
+
+def pair_rows(
+    metrics: Mapping[str, float], trained_modalities: Sequence[Sequence[str]]
+) -> tuple[list[dict[str, object]], list[str]]:
+    """Per-pair rows of one stage's metrics, ready for `format_table(rows, columns)`.
+
+    Rows follow the order in which pairs first appear in `metrics`; `status` is 'seen' when the two
+    modalities were trained together in one of the `trained_modalities` stages so far. Rates are
+    converted to percentages. Columns: pair, status, classification %, localisation F1 %, R@k %
+    (one per k found).
+    """
+    values: dict[str, dict[str, float]] = {}
+    recall_ks: set[int] = set()
+    for key, value in metrics.items():
+        match = _PAIR_METRIC.match(key)
+        if match is None:
+            continue
+        task, source, target, retrieval_source, retrieval_target, k = match.groups()
+        if task is None:
+            column, source, target = f"R@{k} %", retrieval_source, retrieval_target
+            recall_ks.add(int(k))
+        else:
+            column = "classification %" if task == "classification" else "localisation F1 %"
+        values.setdefault(f"{source}->{target}", {})[column] = 100.0 * float(value)
+    modalities = list(dict.fromkeys(m for pair in values for m in pair.split("->")))
+    status = pair_status(modalities, trained_modalities)
+    rows = [{"pair": pair, "status": status[pair], **cells} for pair, cells in values.items()]
+    columns = ["pair", "status", "classification %", "localisation F1 %"] + [f"R@{k} %" for k in sorted(recall_ks)]
+    return rows, columns
+
+
+# ---------------------------------------------------------------------------------------------------
+# Summary files.
+
+
+@contextlib.contextmanager
+def _atomic_path(path: Path) -> Iterator[Path]:
+    """Yields a temporary path beside `path`; renames it onto `path` only if the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        yield Path(temporary)
+        os.replace(temporary, path)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+
+
+def _write_text(path: Path, text: str) -> None:
+    with _atomic_path(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+
+
+def _json_number(key: str, value: object) -> float | int | None:
+    """A metric as a JSON number: ints stay ints, non-finite floats become null."""
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"metric {key!r} is a boolean, expected a number")
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"metric {key!r} = {value!r} is not a number") from None
+    return number if math.isfinite(number) else None
+
+
+def _normalise_stage(index: int, stage: Mapping[str, object]) -> dict[str, object]:
+    if set(stage) != {"name", "modalities", "metrics"}:
+        raise ValueError(f"stage {index} must have exactly the keys name, modalities, metrics; got {sorted(stage)}")
+    name, modalities, metrics = stage["name"], stage["modalities"], stage["metrics"]
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"stage {index}: name must be a non-empty string, got {name!r}")
+    if isinstance(modalities, str) or not all(isinstance(m, str) for m in modalities):
+        raise ValueError(f"stage {index} ({name}): modalities must be a list of names, got {modalities!r}")
+    if not isinstance(metrics, Mapping):
+        raise ValueError(f"stage {index} ({name}): metrics must be a mapping, got {type(metrics).__name__}")
+    return {
+        "name": name,
+        "modalities": list(modalities),
+        "metrics": {str(key): _json_number(str(key), value) for key, value in metrics.items()},
+    }
+
+
+def _stage_markdown(index: int, stage: Mapping[str, object], trained_modalities: Sequence[Sequence[str]]) -> str:
+    metrics: dict[str, float | None] = stage["metrics"]
+    lines = [f"## Stage {index + 1}: {stage['name']} ({', '.join(stage['modalities'])})", ""]
+    shown = set()
+
+    present = {k: v for k, v in metrics.items() if v is not None}
+    rows, columns = pair_rows(present, trained_modalities)
+    if rows:
+        lines += [format_table(rows, columns, markdown=True), ""]
+        shown |= {k for k in metrics if _PAIR_METRIC.match(k)}
+
+    if "codebook/active" in metrics:
+        perplexities = [(k.split("/", 2)[2], v) for k, v in metrics.items() if k.startswith("codebook/perplexity/")]
+        used = " / ".join(_format_cell(metrics.get(f"codebook/used_by_{n}")) for n in ("1", "2", "3+"))
+        text = (
+            f"Codebook: {_format_cell(metrics['codebook/active'])} active codes; used by 1 / 2 / 3+ modalities: "
+            f"{used}; dead: {_format_cell(metrics.get('codebook/dead'))}"
+        )
+        if perplexities:
+            text += "; perplexity: " + ", ".join(f"{m} {_format_cell(v)}" for m, v in perplexities)
+        lines += [text, ""]
+        shown |= {k for k in metrics if k.startswith("codebook/")}
+
+    routing: dict[str, list[str]] = {}
+    for key, value in metrics.items():
+        if key.startswith("routing/"):
+            routing.setdefault(key.split("/")[1], []).append(_format_cell(None if value is None else 100 * value))
+            shown.add(key)
+    if routing:
+        lines += ["Routing load (% per expert): " + "; ".join(f"{m} {' / '.join(v)}" for m, v in routing.items()), ""]
+
+    forgetting_rows = []
+    for key, value in metrics.items():
+        if key.startswith("forgetting/"):
+            measured = key.removeprefix("forgetting/")
+            scale = 100 if measured.startswith(_RATE_PREFIXES) else 1
+            change = None if value is None else scale * value
+            forgetting_rows.append({"metric": measured, "change since learned": change})
+            shown.add(key)
+    if forgetting_rows:
+        lines += ["Forgetting (rates in percentage points; negative = forgotten):", ""]
+        lines += [format_table(forgetting_rows, ["metric", "change since learned"], markdown=True), ""]
+
+    other = [{"metric": k, "value": v} for k, v in metrics.items() if k not in shown]
+    if other:
+        lines += [format_table(other, ["metric", "value"], markdown=True), ""]
+    return "\n".join(lines)
+
+
+def write_summary(results_dir: str | os.PathLike, stages: Sequence[Mapping[str, object]]) -> tuple[Path, Path]:
+    """Writes `summary.json` and `summary.md` for all stages so far into `results_dir`.
+
+    stages: [{'name': str, 'modalities': [str] (the modalities trained in that stage), 'metrics':
+    {key: number}}], oldest first. A pair is marked 'seen' in stage i when both its modalities were
+    trained together in some stage <= i. The JSON is exactly
+    {"stages": [{"name", "modalities", "metrics"}]}; non-finite metrics are written as null.
+    Everything is validated and rendered before anything is written. Returns (json path, md path).
+    """
+    normalised = [_normalise_stage(i, stage) for i, stage in enumerate(stages)]
+    summary_json = json.dumps({"stages": normalised}, indent=2, allow_nan=False) + "\n"
+    sections = [
+        _stage_markdown(i, stage, [s["modalities"] for s in normalised[: i + 1]])
+        for i, stage in enumerate(normalised)
+    ]
+    preamble = ["# Results", "", "Rates in %; seen = trained together in some stage so far.", ""]
+    summary_md = "\n".join(preamble + sections)
+    results_dir = Path(results_dir)
+    json_path, md_path = results_dir / "summary.json", results_dir / "summary.md"
+    _write_text(json_path, summary_json)
+    _write_text(md_path, summary_md)
+    return json_path, md_path
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plots.
+
+_SHARING_COLOURS = ("black", "tab:blue", "tab:green", "tab:red")  # dead, 1, 2, 3+ modalities (COMET Fig. 3)
+
+
+def plot_code_usage(
+    path: str | os.PathLike, usage_matrix: np.ndarray, modalities: Sequence[str], *, min_count: int = 1
+) -> Path:
+    """Saves a PNG of codebook usage by modality, in the manner of COMET Fig. 3.
+
+    usage_matrix: int[K, len(modalities)] selection counts (`eval.code_usage_counts`). Top: heat map
+    of log10(1 + count) per code and modality. Bottom: each code coloured by how many modalities use it
+    (>= `min_count` selections): black = none, blue = 1, green = 2, red = 3 or more.
+    """
+    usage_matrix = np.asarray(usage_matrix)
+    if usage_matrix.ndim != 2 or usage_matrix.shape[1] != len(modalities):
+        raise ValueError(
+            f"usage_matrix must be [codes, {len(modalities)}] for {list(modalities)}, got {usage_matrix.shape}"
+        )
+    sharing = np.minimum(np.sum(usage_matrix >= min_count, axis=1), 3)
+
+    figure = Figure(figsize=(10, 1.2 + 0.45 * len(modalities)), layout="constrained")
+    heat_axes, strip_axes = figure.subplots(2, 1, sharex=True, height_ratios=[len(modalities), 1])
+    image = heat_axes.imshow(np.log10(1 + usage_matrix.T), aspect="auto", interpolation="nearest", cmap="viridis")
+    heat_axes.set_yticks(range(len(modalities)), modalities)
+    heat_axes.set_title(f"Codebook usage by modality ({usage_matrix.shape[0]} active codes)")
+    figure.colorbar(image, ax=heat_axes, label="log10(1 + selections)")
+    strip_axes.imshow(
+        sharing[None, :], aspect="auto", interpolation="nearest", cmap=ListedColormap(_SHARING_COLOURS), vmin=0, vmax=3
+    )
+    strip_axes.set_yticks([])
+    strip_axes.set_xlabel("code index")
+    names = ("unused", "1 modality", "2 modalities", "3+ modalities")
+    strip_axes.legend(
+        handles=[
+            Patch(color=colour, label=f"{name} ({np.sum(sharing == n)})")
+            for n, (colour, name) in enumerate(zip(_SHARING_COLOURS, names))
+        ],
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.9),
+        ncol=4,
+        frameon=False,
+    )
+    path = Path(path)
+    with _atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=120)
+    return path
