@@ -22,14 +22,6 @@ BIMODAL = ("video", "text")
 TRIMODAL = ("audio", "video", "text")
 
 
-@pytest.fixture(params=[np.float64, np.float32], ids=["float64", "float32"])
-def precision(request):
-    """(dtype, rtol): float64 with x64 enabled (rtol 1e-9), float32 with a float32-sized rtol."""
-    dtype = request.param
-    with jax.enable_x64(dtype is np.float64):
-        yield dtype, (1e-9 if dtype is np.float64 else 2e-5)
-
-
 def random_sequences(modalities, shape, dtype, seed):
     rng = np.random.default_rng(seed)
     return {m: rng.normal(size=shape).astype(dtype) for m in modalities}

@@ -8,14 +8,6 @@ import pytest
 from unialign_jax.losses import ewc_penalty, gate_load_balance_loss
 
 
-@pytest.fixture(params=[np.float64, np.float32], ids=["float64", "float32"])
-def precision(request):
-    """(dtype, rtol): float64 with x64 enabled (rtol 1e-9), float32 with a float32-sized rtol."""
-    dtype = request.param
-    with jax.enable_x64(dtype is np.float64):
-        yield dtype, (1e-9 if dtype is np.float64 else 2e-5)
-
-
 def random_router_probs(shape, dtype, seed):
     logits = np.random.default_rng(seed).normal(size=shape) * 2
     return (np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)).astype(dtype)

@@ -10,14 +10,6 @@ import pytest
 from unialign_jax.losses import diagonal_log_softmax, info_nce, l2_normalize
 
 
-@pytest.fixture(params=[np.float64, np.float32], ids=["float64", "float32"])
-def precision(request):
-    """(dtype, rtol): float64 with x64 enabled (rtol 1e-9), float32 with a float32-sized rtol."""
-    dtype = request.param
-    with jax.enable_x64(dtype is np.float64):
-        yield dtype, (1e-9 if dtype is np.float64 else 2e-5)
-
-
 def numpy_info_nce(a, b, log_logit_scale):
     a = a / np.sqrt((a * a).sum(1, keepdims=True))
     b = b / np.sqrt((b * b).sum(1, keepdims=True))

@@ -15,14 +15,6 @@ from unialign_jax.losses import (
 )
 
 
-@pytest.fixture(params=[np.float64, np.float32], ids=["float64", "float32"])
-def precision(request):
-    """(dtype, rtol): float64 with x64 enabled (rtol 1e-9), float32 with a float32-sized rtol."""
-    dtype = request.param
-    with jax.enable_x64(dtype is np.float64):
-        yield dtype, (1e-9 if dtype is np.float64 else 2e-5)
-
-
 def similarity(query, candidates, temperature):
     """Eq. 10 for one query: softmax over candidates of the cosine similarity / τ."""
     query = query / np.linalg.norm(query)

@@ -1,0 +1,268 @@
+"""CMG/COMET model (unialign_jax.nn.cmg) and its building blocks (unialign_jax.nn.layers)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from unialign_jax.nn.cmg import (
+    CLUBEstimators,
+    CMGModel,
+    CMGModelConfig,
+    CPCHead,
+    VideoSpatialPooler,
+    reference_config,
+)
+from unialign_jax.nn.layers import ConvTranspose, Dense, LSTMLayer
+
+BATCH = 2
+OUTPUT_KEYS = {"semantic", "quantized", "code_vectors", "codes", "squared_distances", "active_mask",
+               "specific", "reconstruction", "cpc_predictions"}
+
+
+def tiny_config(modalities, **overrides):
+    shapes = {"video": (4, 7, 7, 8), "audio": (4, 6), "text": (4, 12)}
+    settings = dict(
+        modalities=modalities, input_shapes={m: shapes[m] for m in modalities}, semantic_dim=16,
+        num_heads=2, ffn_dim=32, num_layers=1, specific_dims={"audio": 10, "text": 12},
+        video_encoder_channels=(8, 16), video_club_dim=8, cpc_hidden=16, cpc_layers=2,
+        cpc_prediction_steps=2, club_hidden=8, codebook_capacity=12, initial_active_codes=10)
+    return CMGModelConfig(**{**settings, **overrides})
+
+
+def make_batch(config):
+    batch = {m: jax.random.normal(jax.random.key(i), (BATCH, *config.input_shape(m)))
+             for i, m in enumerate(config.modalities)}
+    return {**batch, "label": jnp.zeros((BATCH,), jnp.int32)}
+
+
+def run_model(config, batch):
+    """Init + one training forward (jitted); returns (variables, outputs, new quantizer state)."""
+    model = CMGModel(config)
+    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1), "quantizer": jax.random.key(2)}
+    variables = jax.jit(lambda b: model.init(rngs, b, train=False, update_codebook=False))(batch)
+
+    @jax.jit
+    def train_forward(variables, batch):
+        return model.apply(variables, batch, train=True, update_codebook=True,
+                           rngs={"dropout": rngs["dropout"], "quantizer": rngs["quantizer"]},
+                           mutable=["quantizer"])
+
+    outputs, state = train_forward(variables, batch)
+    return variables, outputs, state
+
+
+def check_output_shapes(config, batch, outputs, modalities):
+    semantic, capacity = config.semantic_dim, config.codebook_capacity
+    time = config.input_shape(modalities[0])[0]
+    for key in OUTPUT_KEYS - {"active_mask"}:
+        assert set(outputs[key]) == set(modalities), key
+    assert outputs["active_mask"].shape == (capacity,)
+    assert int(outputs["active_mask"].sum()) == config.initial_active_codes
+    for m in modalities:
+        for key in ("semantic", "quantized", "code_vectors"):
+            assert outputs[key][m].shape == (BATCH, time, semantic), (key, m)
+        assert outputs["codes"][m].shape == (BATCH, time) and outputs["codes"][m].dtype == jnp.int32
+        assert outputs["squared_distances"][m].shape == (BATCH, time, capacity)
+        assert outputs["specific"][m].shape == (BATCH, time, config.specific_dim(m))
+        assert outputs["reconstruction"][m].shape == batch[m].shape
+        assert outputs["cpc_predictions"][m].shape == (BATCH, time, config.cpc_prediction_steps, semantic)
+        # The decoders see the straight-through vectors, whose value is the chosen code.
+        np.testing.assert_allclose(outputs["quantized"][m], outputs["code_vectors"][m], atol=1e-5)
+
+
+def test_bimodal_shapes_and_encode():
+    config = tiny_config(("audio", "text"))
+    batch = make_batch(config)
+    variables, outputs, state = run_model(config, batch)
+    assert set(outputs) == OUTPUT_KEYS  # No adapter -> no router_probs.
+    check_output_shapes(config, batch, outputs, ("audio", "text"))
+    assert set(variables) == {"params", "quantizer"}
+    assert set(variables["params"]) == {
+        "semantic_encoder_audio", "semantic_encoder_text", "specific_encoder_audio", "specific_encoder_text",
+        "decoder_audio", "decoder_text", "cpc_audio", "cpc_text"}
+    # The training forward updated the codebook; encode() leaves it alone and is deterministic.
+    assert not np.allclose(state["quantizer"]["quantizer"]["embedding"],
+                           variables["quantizer"]["quantizer"]["embedding"])
+    encoded = jax.jit(lambda v, b: CMGModel(config).apply(v, b, method=CMGModel.encode))(variables, batch)
+    assert set(encoded) == {"audio", "text"}
+    codes, vectors = encoded["text"]
+    assert codes.shape == (BATCH, 4) and vectors.shape == (BATCH, 4, 16)
+    np.testing.assert_array_equal(vectors, variables["quantizer"]["quantizer"]["embedding"][codes])
+
+
+@pytest.fixture(scope="module")
+def trimodal():
+    """Tiny video-audio-text model with the CMoE-Adapter: (config, batch, variables, outputs)."""
+    config = tiny_config(("video", "audio", "text"), adapter_experts=3)
+    batch = make_batch(config)
+    variables, outputs, _ = run_model(config, batch)
+    return config, batch, variables, outputs
+
+
+def test_trimodal_with_video_and_adapter_shapes(trimodal):
+    config, batch, variables, outputs = trimodal
+    assert set(outputs) == OUTPUT_KEYS | {"router_probs"}
+    check_output_shapes(config, batch, outputs, config.modalities)
+    for m in config.modalities:
+        assert outputs["router_probs"][m].shape == (BATCH, 4, 3)
+        np.testing.assert_allclose(outputs["router_probs"][m].sum(-1), 1.0, rtol=1e-5)
+    assert set(variables["params"]["adapter"]) == {
+        "router", "common", "specific_video", "specific_audio", "specific_text"}
+    assert {name.rsplit("_", 1)[0] for name in variables["params"]} == {
+        "video_pooler", "semantic_encoder", "specific_encoder", "decoder", "cpc", "adapter"}
+
+
+def test_a_subset_of_modalities_runs_with_the_same_params(trimodal):
+    config, batch, variables, _ = trimodal
+    evaluate = jax.jit(lambda v, b: CMGModel(config).apply(v, b, train=False, update_codebook=False))
+    subset = {m: batch[m] for m in ("video", "text")}
+    outputs = evaluate(variables, subset)
+    check_output_shapes(config, subset, outputs, ("video", "text"))
+    assert set(outputs["router_probs"]) == {"video", "text"}
+    # A modality's outputs do not depend on which other modalities are in the batch.
+    full = evaluate(variables, batch)
+    for key in ("semantic", "codes", "reconstruction", "cpc_predictions", "specific"):
+        for m in subset:
+            np.testing.assert_allclose(outputs[key][m], full[key][m], rtol=1e-5, atol=1e-6)
+
+
+def test_reference_parameter_counts():
+    """Reference §1.4 figures, corrected by exactly what our deviations change (module docstring)."""
+    config = reference_config()
+    batch = {m: jax.ShapeDtypeStruct((1, *config.input_shape(m)), jnp.float32) for m in config.modalities}
+    model = CMGModel(config)
+    shapes = jax.eval_shape(lambda b: model.init(jax.random.key(0), b, train=False, update_codebook=False), batch)
+    count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))  # noqa: E731
+    groups = {name: count(tree) for name, tree in shapes["params"].items()}
+    club = CLUBEstimators.for_model(config)
+    code_vectors = {m: jnp.zeros((1, 10, 256)) for m in config.modalities}
+    groups["club"] = count(jax.eval_shape(lambda: club.init(jax.random.key(0), code_vectors)))
+    for name, value in sorted(groups.items()):
+        print(f"{name:26s} {value / 1e6:8.3f}M")
+
+    def total(prefixes):
+        return sum(v for k, v in groups.items() if k.startswith(prefixes))
+
+    dense = lambda d_in, d_out: d_in * d_out + d_out  # noqa: E731
+    # Raw 768-d text instead of the 256-d BiLSTM output: text ITRM input, text specific, text decoder.
+    text_encoder_extra = 2 * (dense(768, 256) - dense(256, 256))
+    text_decoder_extra = dense(512, 768) - dense(512, 256)
+    unused_class_heads = 3 * (dense(256, 256) + dense(256, 141))
+    encoder = total(("video_pooler", "semantic_encoder", "specific_encoder"))
+    decoders = total(("decoder",))
+    assert abs(groups["specific_encoder_video"] - 72.4e6) <= 0.01 * 72.4e6
+    assert abs(encoder - text_encoder_extra - 77.8e6) <= 0.05e6
+    assert abs(decoders - text_decoder_extra + unused_class_heads - 37.4e6) <= 0.05e6
+    assert abs(groups["decoder_video"] - 36.8e6) <= 0.05e6
+    assert abs(total(("cpc",)) - 3.36e6) <= 0.005e6
+    assert abs(groups["club"] - 0.66e6) <= 0.005e6
+    codebook = shapes["quantizer"]["quantizer"]
+    assert codebook["embedding"].shape == (400, 256)
+
+
+def test_new_modality_at_a_later_stage_adds_only_its_own_params():
+    def param_shapes(config):
+        batch = {m: jax.ShapeDtypeStruct((1, *config.input_shape(m)), jnp.float32) for m in config.modalities}
+        model = CMGModel(config)
+        init = lambda b: model.init(jax.random.key(0), b, train=False, update_codebook=False)  # noqa: E731
+        params = jax.eval_shape(init, batch)["params"]
+        return {jax.tree_util.keystr(path): leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+
+    stage_one = param_shapes(tiny_config(("video", "text"), adapter_experts=3))
+    stage_two = param_shapes(tiny_config(("video", "text", "audio"), adapter_experts=3))
+    assert {path: stage_two[path] for path in stage_one} == stage_one
+    added = set(stage_two) - set(stage_one)
+    assert added and all("_audio'" in path for path in added)
+    assert any(path.startswith("['adapter']['specific_audio']") for path in added)
+
+
+def test_cpc_predictions_are_causal():
+    head = CPCHead(hidden=8, num_layers=2, prediction_steps=2)
+    sequence = jax.random.normal(jax.random.key(0), (2, 6, 5))
+    params = head.init(jax.random.key(1), sequence)
+    predictions = head.apply(params, sequence)
+    assert predictions.shape == (2, 6, 2, 5)
+    cut = 3
+    changed = sequence.at[:, cut + 1:].set(jax.random.normal(jax.random.key(2), (2, 6 - cut - 1, 5)))
+    changed_predictions = head.apply(params, changed)
+    np.testing.assert_allclose(changed_predictions[:, :cut + 1], predictions[:, :cut + 1], rtol=1e-6)
+    assert not np.allclose(changed_predictions[:, cut + 1:], predictions[:, cut + 1:])
+    # A truncated run (what the reference computes at step `cut`) gives the same prediction.
+    np.testing.assert_allclose(head.apply(params, sequence[:, :cut + 1])[:, cut], predictions[:, cut], rtol=1e-6)
+
+
+def test_lstm_layer_follows_pytorch_gate_order():
+    layer = LSTMLayer(hidden=3)
+    inputs = jax.random.normal(jax.random.key(0), (1, 2, 4))
+    params = layer.init(jax.random.key(1), inputs)["params"]
+    assert all(np.abs(v).max() <= 1 / math.sqrt(3) for v in params.values())
+    hidden, cell = np.zeros(3), np.zeros(3)
+    sigmoid = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    for t in range(2):
+        gates = np.asarray(inputs[0, t] @ params["w_ih"] + hidden @ params["w_hh"] + params["b_ih"] + params["b_hh"])
+        i, f, g, o = np.split(gates, 4)  # PyTorch order: input, forget, cell, output.
+        cell = sigmoid(f) * cell + sigmoid(i) * np.tanh(g)
+        hidden = sigmoid(o) * np.tanh(cell)
+    np.testing.assert_allclose(layer.apply({"params": params}, inputs)[0, -1], hidden, rtol=1e-5, atol=1e-6)
+
+
+def test_pytorch_default_initialisation_bounds():
+    dense = Dense(64).init(jax.random.key(0), jnp.zeros((1, 100)))["params"]
+    assert np.abs(dense["kernel"]).max() <= 0.1 and np.abs(dense["kernel"]).max() > 0.09
+    assert np.abs(dense["bias"]).max() <= 0.1
+    # ConvTranspose2d: PyTorch's fan_in is out_channels x kernel area.
+    deconv = ConvTranspose(16, 3).init(jax.random.key(0), jnp.zeros((1, 3, 3, 400)))["params"]
+    bound = 1 / math.sqrt(16 * 9)
+    assert bound * 0.9 < np.abs(deconv["kernel"]).max() <= bound
+    assert np.abs(deconv["bias"]).max() <= bound
+
+
+def test_video_pooler_sum_reproduces_reference_and_attention_is_convex():
+    # Every position holds the same vector: attention (weights sum to 1) returns that position's
+    # channel-attended vector, the reference's singleton-axis softmax returns H*W times it.
+    frame = jnp.broadcast_to(jax.random.normal(jax.random.key(0), (1, 1, 1, 1, 8)), (1, 1, 5, 5, 8))
+    params = VideoSpatialPooler("sum").init(jax.random.key(1), frame)
+    summed = VideoSpatialPooler("sum").apply(params, frame)
+    attended = VideoSpatialPooler("attention").apply(params, frame)
+    np.testing.assert_allclose(summed, 25 * attended, rtol=1e-5)
+    gate = jax.nn.sigmoid(jax.nn.relu(frame[0, 0, 0, 0] @ params["params"]["se_reduce"]["kernel"])
+                          @ params["params"]["se_expand"]["kernel"])
+    np.testing.assert_allclose(attended[0, 0], frame[0, 0, 0, 0] * (1 + gate), rtol=1e-5)
+
+
+def test_club_estimators():
+    config = tiny_config(("video", "text"))
+    club = CLUBEstimators.for_model(config)
+    x = {"text": jnp.ones((2, 4, 16))}
+    params = club.init(jax.random.key(0), x)["params"]
+    assert set(params) == {"mu_text", "logvar_text"}
+    (mu, logvar), = club.apply({"params": params}, x).values()
+    assert mu.shape == logvar.shape == (2, 4, 12)
+    assert np.abs(logvar).max() < 1.0
+
+
+def test_config_from_config_dict_and_errors():
+    cfg = ml_collections.ConfigDict({
+        "model": {"modalities": ("audio", "text"), "input_shapes": {"audio": (10, 128), "text": (10, 768)},
+                  "adapter_experts": 6},
+        "quantizer": {"codebook_capacity": 512, "initial_active_codes": 400, "beta": 0.25},
+    })
+    config = CMGModelConfig.from_config(cfg)
+    assert config.input_shapes == (("audio", (10, 128)), ("text", (10, 768)))
+    assert (config.codebook_capacity, config.initial_active_codes, config.adapter_experts) == (512, 400, 6)
+    assert hash(config) == hash(CMGModelConfig.from_config(cfg))
+
+    cfg.model.num_layer = 3
+    with pytest.raises(ValueError, match="num_layer"):
+        CMGModelConfig.from_config(cfg)
+    with pytest.raises(ValueError, match="H, W >= 5"):
+        tiny_config(("video",), input_shapes={"video": (4, 3, 3, 8)})
+    with pytest.raises(ValueError, match="specific_dims.image"):
+        CMGModelConfig(modalities=("image",), input_shapes={"image": (1, 64)})
+    model = CMGModel(tiny_config(("audio", "text")))
+    with pytest.raises(ValueError, match=r"batch\['audio'\] has shape"):
+        model.init(jax.random.key(0), {"audio": jnp.zeros((2, 4, 7))}, train=False, update_codebook=False)
