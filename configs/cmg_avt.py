@@ -1,0 +1,30 @@
+"""CMG/DCID pre-training (trimodal video-audio-text by default), the baseline COMET extends.
+
+    python -m unialign_jax.train --config=configs/cmg_avt.py --workdir=workdirs/cmg_avt
+    python -m unialign_jax.train --config=configs/cmg_avt.py:modalities=audio+text --workdir=workdirs/cmg_at
+    python -m unialign_jax.train --config=configs/cmg_avt.py:size=reference --workdir=workdirs/cmg_ref
+
+Arg string: `data=synthetic` (the procedural world), `size=small|reference` (reference = the CMG
+code's dimensions: video 10x7x7x512, audio 10x128, text 10x768, codebook 400x256, batch 80,
+Adam 4e-4), `modalities=video+audio+text` (any '+'-joined set of two or more), `steps=N`.
+"""
+
+from unialign_jax import configlib
+
+
+def get_config(arg=None):
+    arg = configlib.parse_arg(arg, data="synthetic", size="small", modalities="video+audio+text", steps=0)
+    modalities = configlib.split_modalities(arg.modalities)
+    config = configlib.cmg_config(size=arg.size, modalities=modalities)
+    shapes = dict(config.model.input_shapes)
+    if arg.data != "synthetic":
+        raise ValueError(f"data={arg.data!r}: this config supports data=synthetic.")
+    data = configlib.synthetic_data(modalities, shapes)
+    steps = arg.steps or (1000 if arg.size == "small" else 3000)
+    config.stages = [
+        configlib.stage(
+            "pretrain", modalities, data, steps=steps, codebook_rows=config.quantizer.initial_active_codes
+        )
+    ]
+    config.eval.data = data
+    return config

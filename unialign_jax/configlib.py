@@ -1,0 +1,277 @@
+"""Config helpers: arg-string parsing for `get_config(arg)` and validation before anything compiles.
+
+Configs are `ml_collections.ConfigDict`s built by `configs/*.py:get_config(arg)`. Structural variants
+come in the arg string (`--config=configs/cmg_avt.py:size=reference,data=synthetic`); scalar
+overrides on the command line (`--config.stages[0].steps=200`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from unialign_jax.data.pipeline import MODALITIES
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+    """Parses `key=value,key2=value2` into a ConfigDict typed like `defaults` (big_vision style).
+
+    Unknown keys and values that cannot be converted raise a ValueError naming the key.
+    """
+    result = ml_collections.ConfigDict(dict(defaults))
+    if not arg:
+        return result
+    for item in arg.split(","):
+        if not item:
+            continue
+        if "=" not in item:
+            raise ValueError(
+                f"Config arg {item!r} must look like key=value (known keys: {sorted(defaults)})."
+            )
+        key, value = item.split("=", 1)
+        if key not in defaults:
+            raise ValueError(f"Unknown config arg {key!r}; known keys: {sorted(defaults)}.")
+        default = defaults[key]
+        if isinstance(default, bool):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"Config arg {key!r} must be a boolean, got {value!r}.")
+            result[key] = value.lower() in ("true", "1")
+        elif isinstance(default, int):
+            result[key] = int(value)
+        elif isinstance(default, float):
+            result[key] = float(value)
+        else:
+            result[key] = value
+    return result
+
+
+def split_modalities(text: str) -> tuple[str, ...]:
+    """'audio+text' -> ('audio', 'text'), checking every name."""
+    names = tuple(name for name in text.split("+") if name)
+    for name in names:
+        if name not in MODALITIES:
+            raise ValueError(f"Unknown modality {name!r} in {text!r}; known: {', '.join(MODALITIES)}.")
+    return names
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the field."""
+
+
+def validate(config: ml_collections.ConfigDict, available_modalities: dict[str, tuple[str, ...]]) -> None:
+    """Checks a training config before any compilation.
+
+    Args:
+      config: the resolved config.
+      available_modalities: dataset name -> modalities it provides.
+
+    Raises:
+      ConfigError: naming the offending field.
+    """
+    known = tuple(config.model.modalities)
+    for name in known:
+        if name not in MODALITIES:
+            raise ConfigError(
+                f"config.model.modalities: unknown modality {name!r}; known: {', '.join(MODALITIES)}."
+            )
+        if name not in config.model.input_shapes:
+            raise ConfigError(f"config.model.input_shapes: no shape for modality {name!r}.")
+    if not config.stages:
+        raise ConfigError("config.stages: at least one stage is required.")
+    seen: set[str] = set()
+    names: set[str] = set()
+    total_codes = 0
+    for index, stage in enumerate(config.stages):
+        where = f"config.stages[{index}]"
+        if stage.name in names:
+            raise ConfigError(f"{where}.name: duplicate stage name {stage.name!r}.")
+        names.add(stage.name)
+        stage_modalities = tuple(stage.modalities)
+        if len(stage_modalities) < 2:
+            raise ConfigError(
+                f"{where}.modalities: a stage needs at least two modalities, got {stage_modalities}."
+            )
+        for name in stage_modalities:
+            if name not in known:
+                raise ConfigError(f"{where}.modalities: {name!r} is not in config.model.modalities {known}.")
+        mediator = stage.get("mediator")
+        if index > 0 and mediator:
+            if mediator not in stage_modalities:
+                raise ConfigError(
+                    f"{where}.mediator: {mediator!r} is not one of the stage's modalities {stage_modalities}."
+                )
+            if mediator not in seen:
+                raise ConfigError(
+                    f"{where}.mediator: {mediator!r} was never seen in an earlier stage (seen: {sorted(seen)})."
+                )
+        dataset = stage.data.name
+        if dataset not in available_modalities:
+            raise ConfigError(
+                f"{where}.data.name: unknown dataset {dataset!r}; known: {sorted(available_modalities)}."
+            )
+        missing = [m for m in stage_modalities if m not in available_modalities[dataset]]
+        if missing:
+            raise ConfigError(f"{where}.data.name: dataset {dataset!r} has no modality {missing}.")
+        if stage.steps <= 0:
+            raise ConfigError(f"{where}.steps must be positive, got {stage.steps}.")
+        if stage.codebook_rows < 0 or (index == 0 and stage.codebook_rows == 0):
+            raise ConfigError(f"{where}.codebook_rows must be positive for the first stage and >= 0 after.")
+        total_codes += stage.codebook_rows
+        seen.update(stage_modalities)
+    if total_codes > config.quantizer.codebook_capacity:
+        raise ConfigError(
+            f"config.quantizer.codebook_capacity={config.quantizer.codebook_capacity} is smaller than the "
+            f"{total_codes} codes the stages add; raise it (growth beyond capacity reallocates, but the "
+            "capacity should be planned)."
+        )
+    if config.batch_size % max(1, config.get("num_processes", 1)) != 0:
+        raise ConfigError(f"config.batch_size={config.batch_size} must divide evenly across processes.")
+
+
+# Feature shapes per modality: the CMG reference dimensions and a small CPU-friendly variant.
+REFERENCE_SHAPES = {
+    "video": (10, 7, 7, 512),
+    "audio": (10, 128),
+    "text": (10, 768),
+    "image": (10, 512),
+    "speech": (10, 128),
+    "depth": (10, 512),
+    "points": (10, 256),
+}
+SMALL_SHAPES = {
+    "video": (10, 7, 7, 16),
+    "audio": (10, 32),
+    "text": (10, 48),
+    "image": (10, 32),
+    "speech": (10, 32),
+    "depth": (10, 32),
+    "points": (10, 32),
+}
+
+
+def synthetic_data(
+    modalities: tuple[str, ...],
+    shapes: dict,
+    *,
+    concepts: tuple[int, ...] = (),
+    num_concepts: int = 10,
+    num_train: int = 2000,
+    num_test: int = 500,
+    seed: int = 0,
+) -> ml_collections.ConfigDict:
+    """The procedural world of `unialign_jax.data.synthetic` rendering `modalities`."""
+    return ml_collections.ConfigDict(
+        dict(
+            name="synthetic",
+            data_dir="",
+            num_concepts=num_concepts,
+            seq_len=shapes[modalities[0]][0],
+            modality_shapes={m: tuple(shapes[m]) for m in modalities},
+            num_train=num_train,
+            num_test=num_test,
+            noise=0.3,
+            seed=seed,
+            concepts=tuple(concepts),
+        )
+    )
+
+
+def cmg_config(*, size: str, modalities: tuple[str, ...]) -> ml_collections.ConfigDict:
+    """Model, quantizer, loss, optimizer and loop settings shared by the CMG and COMET configs.
+
+    `size='reference'` has the reference's dimensions (CMG `pretrain.py`: video 10x7x7x512, audio
+    10x128, text 10x768, codebook 400x256, batch 80, Adam 4e-4); `size='small'` trains on 2 CPU cores
+    in minutes. The caller adds `stages` (and `eval.data`).
+    """
+    if size not in ("small", "reference"):
+        raise ValueError(f"size must be 'small' or 'reference', got {size!r}.")
+    reference = size == "reference"
+    shapes = REFERENCE_SHAPES if reference else SMALL_SHAPES
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.size = size
+    c.batch_size = 80 if reference else 32
+    c.mesh = [("data", -1)]
+    c.sharding_rules = []
+    c.frozen_patterns = []
+    c.log_every = 50 if reference else 25
+    c.checkpoint = dict(every=500 if reference else 200, max_to_keep=2)
+    c.model = dict(
+        modalities=tuple(modalities),
+        input_shapes={m: tuple(shapes[m]) for m in modalities},
+        semantic_dim=256 if reference else 64,
+        num_heads=4,
+        ffn_dim=1024 if reference else 128,
+        num_layers=2,
+        dropout=0.1,
+        specific_dims={m: 256 if reference else 64 for m in modalities},
+        video_encoder_channels=(1024, 2048) if reference else (32, 64),
+        video_club_dim=512 if reference else 32,
+        cpc_hidden=256 if reference else 64,
+        cpc_layers=2,
+        cpc_prediction_steps=1,
+        club_hidden=128 if reference else 32,
+        adapter_experts=0,
+        adapter_specific_layers=True,
+        dtype="float32",
+    )
+    c.quantizer = dict(
+        codebook_capacity=400 if reference else 64,
+        initial_active_codes=400 if reference else 64,
+        decay=0.99,
+        epsilon=1e-5,
+        dead_code_steps=300,
+        active_code_steps=100,
+        restart_noise=1 / 1024,
+        reset_ema_on_restart=False,
+    )
+    c.loss = dict(
+        weights=dict(reconstruction=1.0, commitment=1.0, cmcm=1.0, cpc=1.0, club=1.0, gate=1.0),
+        commitment_beta=0.25,
+        cpc_normalize_over="predictions",
+        cpc_cross_weight=1.0,
+        cpc_self_weight=0.1,
+    )
+    c.club = dict(steps=5, learning_rate=1e-3)
+    c.optim = dict(
+        name="adam",
+        learning_rate=4e-4 if reference else 1e-3,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        weight_decay=0.0,
+        schedule="constant",
+        warmup_steps=0,
+        clip_norm=0.5,
+        groups=[
+            ("encoder", r"^(semantic_encoder|specific_encoder|video_pooler|adapter)"),
+            ("decoder", r"^decoder_"),
+            ("cpc", r"^cpc_"),
+            ("other", r".*"),
+        ],
+    )
+    c.continual = dict(pseudo_modality=False, ewc=False, ewc_strength=1.0, fisher_batches=10, growth_examples=500)
+    c.eval = dict(head_steps=400, head_learning_rate=1e-3, head_batch_size=64, batch_size=250, max_examples=1000, data=None)
+    return c
+
+
+def stage(
+    name: str,
+    modalities: tuple[str, ...],
+    data: ml_collections.ConfigDict,
+    *,
+    steps: int,
+    codebook_rows: int,
+    mediator: str = "",
+) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            name=name,
+            modalities=tuple(modalities),
+            mediator=mediator,
+            data=data,
+            steps=steps,
+            codebook_rows=codebook_rows,
+        )
+    )

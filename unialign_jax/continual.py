@@ -1,0 +1,181 @@
+"""What passes between COMET stages: grown codebook, frozen modules, EWC Fisher/anchors, PMR teacher.
+
+At the end of a stage (`finish_stage`) the diagonal Fisher information of the stage loss is estimated
+on that stage's data for the CMoE-Adapter's common layers and the specific layers of the stage's
+modalities (COMET §3.2, Eq. 6), added to the Fisher of earlier stages, and saved with the anchor
+parameters θ* next to the stage's checkpoints (`<stage folder>/continual`).
+
+At the start of stage s > 1 (`stage_initializer`) the next state is built from the previous stage's
+final Orbax checkpoint:
+- parameters: the previous ones, plus fresh modules for modalities that first appear now; modules of
+  modalities absent from this stage are frozen (`trainer.frozen_patterns`);
+- codebook: the K_1 + ... + K_{s-1} learned codes and their EMA statistics copied bit-identically,
+  K_s new codes appended. New rows are initialised from data: k-means (k-means++ seeding + Lloyd) on
+  the mediator's semantic features of the new stage's data, computed with the trained mediator
+  encoder. The mediator is the only trained encoder that sees the new data, and its features are
+  where the new semantics (new classes, new captions) appear; the new modality's encoder is still
+  random at the boundary. New rows start with the EMA weight of an average old code, so unused ones
+  do not explode as the reference's tiny-uniform init does (reference notes §1.5, §2.3).
+- carry: the EWC Fisher + anchors restricted to this stage's trainable parameters, and the teacher
+  codebook (a frozen copy of the previous codebook) for Pseudo-Modality Replay (§3.3).
+The optimizer state restarts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from unialign_jax.logs import logger
+from flax import traverse_util
+
+from unialign_jax import checkpoint as ckpt_lib
+from unialign_jax import optim
+from unialign_jax import parallel
+from unialign_jax import trainer
+from unialign_jax.data import pipeline
+from unialign_jax.nn import quantizer as quantizer_lib
+
+ARTIFACTS_FOLDER = "continual"
+
+
+def ewc_patterns(stage: trainer.StageSpec) -> list[str]:
+    """Parameters EWC protects after `stage`: adapter common layers + specific layers it activated."""
+    return [r"^adapter/common/"] + [rf"^adapter/specific_{m}/" for m in stage.modalities]
+
+
+def _select(tree: dict, patterns: list[str]) -> dict:
+    return optim.split_params(tree, patterns)[0]
+
+
+def _accumulate(previous: dict, new: dict) -> dict:
+    """Sum of two Fisher trees over the union of their paths."""
+    flat = dict(traverse_util.flatten_dict(previous, sep="/"))
+    for path, value in traverse_util.flatten_dict(new, sep="/").items():
+        flat[path] = flat[path] + value if path in flat else value
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def estimate_fisher(config: ml_collections.ConfigDict, stage: trainer.StageSpec, state: trainer.TrainState,
+                    mesh) -> dict:
+    """Diagonal empirical Fisher F_i ≈ E[(∂L/∂θ_i)²] of the stage loss over `fisher_batches` batches.
+
+    L is the full stage objective on a batch (its CMCM and Cross-CPC terms are contrastive over the
+    batch, so per-example gradients are not defined); F is the mean over batches of the squared batch
+    gradient, for the parameters `ewc_patterns` selects. The state is not changed.
+    """
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
+    shardings = trainer.state_shardings(abstract, mesh, config.sharding_rules)
+    step_fn = trainer.StepFunction(config, stage, mesh, abstract, shardings)
+    patterns = ewc_patterns(stage)
+
+    @jax.jit
+    def squared_gradients(state, batch):
+        grads = step_fn.gradients(state, batch)[0]
+        return jax.tree.map(jnp.square, _select(grads, patterns))
+
+    iterator = pipeline.make_train_iterator(
+        stage.data, modalities=stage.modalities, batch_size=config.batch_size, seed=config.seed + 1000 + stage.index,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    total = None
+    for _ in range(config.continual.fisher_batches):
+        squared = squared_gradients(state, parallel.global_batch(next(iterator), mesh))
+        total = squared if total is None else jax.tree.map(jnp.add, total, squared)
+    return jax.tree.map(lambda f: f / config.continual.fisher_batches, total)
+
+
+def finish_stage(config: ml_collections.ConfigDict, stage: trainer.StageSpec, state: trainer.TrainState,
+                 workdir: str, mesh) -> None:
+    """Saves the EWC Fisher (accumulated over stages) and anchors of a finished stage, once."""
+    last_stage = stage.index == len(config.stages) - 1
+    if not config.continual.ewc or last_stage:
+        return
+    directory = os.path.join(workdir, stage.folder, ARTIFACTS_FOLDER)
+    if os.path.isdir(directory):
+        return
+    logger.info("[%s] estimating the Fisher information on %d batches.", stage.name,
+                 config.continual.fisher_batches)
+    fisher = estimate_fisher(config, stage, state, mesh)
+    previous = state.carry.get("ewc", {}).get("fisher", {})
+    all_params = optim.merge_params(state.params, state.frozen)
+    anchor_patterns = [rf"^{re.escape(path)}$" for path in traverse_util.flatten_dict(
+        _accumulate(previous, fisher), sep="/")]
+    artifacts = {"fisher": _accumulate(previous, fisher), "anchor": _select(all_params, anchor_patterns)}
+    ckpt_lib.save_tree(directory, artifacts)
+
+
+def stage_initializer(config: ml_collections.ConfigDict, stage: trainer.StageSpec, workdir: str
+                      ) -> Callable[[], trainer.TrainState]:
+    """A function building the starting state of `stage` (fresh for the first stage)."""
+    if stage.index == 0:
+        return lambda: trainer.fresh_state(config, stage, jax.random.key(config.seed))
+    return lambda: next_stage_state(config, stage, workdir)
+
+
+def _overlay(fresh: dict, previous: dict) -> dict:
+    """`fresh` with every leaf that also exists in `previous` taken from `previous`."""
+    flat = traverse_util.flatten_dict(fresh, sep="/")
+    old = traverse_util.flatten_dict(previous, sep="/")
+    for path, value in old.items():
+        if path in flat:
+            if flat[path].shape != value.shape:
+                raise ValueError(f"Parameter {path!r} changed shape between stages: {value.shape} -> "
+                                 f"{flat[path].shape}; the model config must not change across stages.")
+            flat[path] = value
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def new_code_rows(config: ml_collections.ConfigDict, stage: trainer.StageSpec, params: dict, quantizer: dict,
+                  rng: jax.Array) -> jax.Array:
+    """k-means rows from the mediator's semantic features on the new stage's data (module docstring)."""
+    source = stage.mediator or stage.modalities[0]
+    model, _ = trainer.build_models(config, stage)
+    data = pipeline.load_split(stage.data, "train", modalities=(source,),
+                               max_examples=config.continual.growth_examples)
+    outputs = jax.jit(lambda x: model.apply({"params": params, "quantizer": quantizer}, {source: x},
+                                            train=False, update_codebook=False))(jnp.asarray(data[source]))
+    features = outputs["semantic"][source].reshape(-1, config.model.semantic_dim)
+    return quantizer_lib.init_codebook_rows_from_features(rng, features, stage.codebook_rows)
+
+
+def next_stage_state(config: ml_collections.ConfigDict, stage: trainer.StageSpec, workdir: str
+                     ) -> trainer.TrainState:
+    """The starting state of stage s > 1 from stage s-1's final checkpoint (module docstring)."""
+    previous_stage = trainer.stage_specs(config)[stage.index - 1]
+    previous_dir = os.path.join(workdir, previous_stage.folder)
+    checkpointer = ckpt_lib.StageCheckpointer(previous_dir)
+    previous, meta = checkpointer.restore_state()
+    checkpointer.close()
+    if not meta.get("finished"):
+        raise RuntimeError(f"{previous_dir} holds no finished checkpoint; stage {previous_stage.name!r} must finish "
+                           "before stage {stage.name!r} starts.")
+    rng = jax.random.fold_in(jax.random.key(config.seed), stage.index)
+    init_rng, rows_rng, state_rng = jax.random.split(rng, 3)
+    fresh_params, _, fresh_club = trainer.init_variables(config, stage, init_rng)
+    params = _overlay(fresh_params, optim.merge_params(previous["params"], previous["frozen"]))
+    club_params = _overlay(fresh_club, previous["aux"]["club_params"])
+
+    old_codebook = previous["quantizer"]["quantizer"]
+    grown = old_codebook
+    if stage.codebook_rows:
+        rows = new_code_rows(config, stage, params, previous["quantizer"], rows_rng)
+        grown = quantizer_lib.grow_codebook(old_codebook, rows, capacity=config.quantizer.codebook_capacity)
+    logger.info("[%s] codebook %d -> %d active codes (capacity %d).", stage.name,
+                 int(old_codebook["active_count"]), int(grown["active_count"]), grown["embedding"].shape[0])
+
+    carry = {}
+    if config.continual.pseudo_modality and stage.replay_partner:
+        carry["teacher"] = {"embedding": jnp.asarray(old_codebook["embedding"]),
+                            "active_count": jnp.asarray(old_codebook["active_count"])}
+    if config.continual.ewc:
+        saved = ckpt_lib.load_tree(os.path.join(previous_dir, ARTIFACTS_FOLDER))
+        trainable = optim.split_params(params, trainer.frozen_patterns(config, stage))[1]
+        keep = [rf"^{re.escape(p)}$" for p in traverse_util.flatten_dict(trainable, sep="/")]
+        carry["ewc"] = {"fisher": _select(saved["fisher"], keep), "anchor": _select(saved["anchor"], keep)}
+    state = trainer.assemble_state(config, stage, params, {"quantizer": grown}, club_params, carry=carry,
+                                   rng=state_rng)
+    return jax.tree.map(jnp.asarray, state)

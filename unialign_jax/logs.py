@@ -1,0 +1,28 @@
+"""The project's console logger: progress lines and tables on stdout, library chatter kept quiet.
+
+Orbax, grain and tfds log every checkpoint and file at INFO through absl; `setup()` raises absl's
+threshold to WARNING and gives `unialign_jax` messages their own INFO handler.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import logging as absl_logging
+
+logger = logging.getLogger("unialign_jax")
+
+
+def setup() -> None:
+    """Call once from a CLI's main()."""
+    import tensorflow_datasets as tfds
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    tfds.disable_progress_bar()
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False

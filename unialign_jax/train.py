@@ -1,0 +1,89 @@
+"""Runs the stages of a config in a workdir (CMG: one stage; COMET: one per modality pair).
+
+    python -m unialign_jax.train --config=configs/comet_vt_at_it.py --workdir=workdirs/comet
+    python -m unialign_jax.train --config=configs/cmg_avt.py:size=reference --workdir=workdirs/cmg \
+        --config.stages[0].steps=200
+
+Re-running the same command resumes: finished stages are skipped, an interrupted stage continues
+from its last checkpoint. After each stage the model is evaluated (cross-modal classification and
+localisation, retrieval, codebook usage, forgetting) into `workdir/results/`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+from absl import app, flags
+
+from unialign_jax import logs
+from unialign_jax.logs import logger
+from ml_collections import config_flags
+
+from unialign_jax import checkpoint as ckpt_lib
+from unialign_jax import configlib
+from unialign_jax import continual
+from unialign_jax import evaluate
+from unialign_jax import parallel
+from unialign_jax import trainer
+from unialign_jax.data import pipeline
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file (configs/*.py[:args]).", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Refuses to resume a workdir that was started with a different config (nothing is overwritten)."""
+    path = os.path.join(workdir, "config.json")
+    resolved = json.loads(config.to_json_best_effort(sort_keys=True))
+    if os.path.exists(path):
+        with open(path) as f:
+            previous = json.load(f)
+        if previous != resolved:
+            changed = sorted(k for k in set(previous) | set(resolved) if previous.get(k) != resolved.get(k))
+            raise ValueError(
+                f"{workdir} was started with a different config (top-level fields differ: {changed}); "
+                "use a new --workdir or the original config."
+            )
+    else:
+        os.makedirs(workdir, exist_ok=True)
+        ckpt_lib.write_json_atomic(path, resolved)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+    """Trains every stage (resuming where possible) and returns the per-stage results."""
+    configlib.validate(config, {s.data.name: pipeline.dataset_modalities(s.data) for s in config.stages})
+    check_workdir_config(workdir, config)
+    mesh = parallel.make_mesh(config.mesh)
+    stages = trainer.stage_specs(config)
+    results: list[dict] = []
+    for stage in stages:
+        logger.info(
+            "=== stage %d/%d: %s (%s) for %d steps ===",
+            stage.index + 1,
+            len(stages),
+            stage.name,
+            "+".join(stage.modalities),
+            stage.steps,
+        )
+        initial_state = continual.stage_initializer(config, stage, workdir)
+        state = trainer.train_stage(config, stage, workdir, mesh, initial_state)
+        continual.finish_stage(config, stage, state, workdir, mesh)
+        results.append(evaluate.evaluate_stage(config, stage, state, workdir, results))
+        print(evaluate.stage_table(results), flush=True)
+    return results
+
+
+def main(argv):
+    del argv
+    parallel.maybe_initialize_distributed()
+    logs.setup()
+    run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)
