@@ -159,7 +159,7 @@ def assemble_state(config: ml_collections.ConfigDict, stage: StageSpec, all_para
 
 
 def _tree_global_norm(tree) -> jax.Array:
-    return optax.global_norm(tree) if jax.tree.leaves(tree) else jnp.zeros(())
+    return optax.tree.norm(tree) if jax.tree.leaves(tree) else jnp.zeros(())
 
 
 class StepFunction:

@@ -1,0 +1,92 @@
+"""The train step and the stage loop: compile once, exact resume, checkpoints, progress output."""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from unialign_jax import checkpoint as ckpt_lib
+from unialign_jax import parallel
+from unialign_jax import train
+from unialign_jax import trainer
+from unialign_jax.data import pipeline
+
+from tiny import tiny_cmg_config
+
+
+def _run_stage(config, workdir):
+    stage = trainer.stage_specs(config)[0]
+    mesh = parallel.make_mesh(config.mesh)
+    return trainer.train_stage(config, stage, workdir, mesh,
+                               lambda: trainer.fresh_state(config, stage, jax.random.key(config.seed)))
+
+
+def _params(state):
+    return jax.tree.leaves(jax.device_get(state.params))
+
+
+def test_step_compiles_once_and_changes_params_codebook_and_club(tmp_path):
+    config = tiny_cmg_config(str(tmp_path / "data"))
+    stage = trainer.stage_specs(config)[0]
+    mesh = parallel.make_mesh(config.mesh)
+    state = trainer.fresh_state(config, stage, jax.random.key(0))
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
+    shardings = trainer.state_shardings(abstract, mesh, config.sharding_rules)
+    state = jax.device_put(state, shardings)
+    step_fn = trainer.StepFunction(config, stage, mesh, abstract, shardings)
+    iterator = pipeline.make_train_iterator(stage.data, modalities=stage.modalities, batch_size=16, seed=0)
+    before = jax.device_get(state)
+    for _ in range(3):
+        state, metrics = step_fn(state, parallel.global_batch(next(iterator), mesh))
+    assert step_fn.trace_count == 1
+    assert int(state.step) == 3
+    after = jax.device_get(state)
+    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(before.params), jax.tree.leaves(after.params)))
+    assert not np.allclose(before.quantizer["quantizer"]["embedding"], after.quantizer["quantizer"]["embedding"])
+    assert not np.allclose(jax.tree.leaves(before.aux["club_params"])[0], jax.tree.leaves(after.aux["club_params"])[0])
+    for name in ("loss/reconstruction", "loss/commitment", "loss/cmcm", "loss/cpc", "loss/club", "loss/total"):
+        assert np.isfinite(float(metrics[name])), name
+
+
+def test_resume_after_interruption_gives_the_same_final_state(tmp_path):
+    config = tiny_cmg_config(str(tmp_path / "data"), steps=8)
+    uninterrupted = _run_stage(config, str(tmp_path / "a"))
+    first = _run_stage(config, str(tmp_path / "b"))
+    np.testing.assert_array_equal(_params(first)[0], _params(uninterrupted)[0])
+    # Interrupt: drop the final checkpoint so only step 4 remains, then re-run the same stage.
+    stage_dir = tmp_path / "b" / trainer.stage_specs(config)[0].folder
+    shutil.rmtree(stage_dir / "8")
+    resumed = _run_stage(config, str(tmp_path / "b"))
+    assert int(resumed.step) == 8
+    for a, b in zip(_params(resumed), _params(uninterrupted)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(jax.device_get(resumed.quantizer["quantizer"]["embedding"]),
+                                  jax.device_get(uninterrupted.quantizer["quantizer"]["embedding"]))
+    meta = ckpt_lib.StageCheckpointer(str(stage_dir)).read_meta()
+    assert meta["finished"] and meta["codebook_active"] == 32 and meta["modalities"] == ["audio", "text"]
+
+
+def test_train_run_writes_metrics_results_and_refuses_a_changed_config(tmp_path, capsys):
+    config = tiny_cmg_config(str(tmp_path / "data"), steps=4)
+    workdir = str(tmp_path / "run")
+    results = train.run(config, workdir)
+    assert results[0]["metrics"]["classification/audio->text"] >= 0
+    lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert [line["step"] for line in lines] == [4]
+    summary = json.load(open(os.path.join(workdir, "results", "summary.json")))
+    assert summary["stages"][0]["name"] == "pretrain"
+    assert "audio->text" in capsys.readouterr().out
+    config.loss.weights.cmcm = 0.5
+    with pytest.raises(ValueError, match="different config"):
+        train.run(config, workdir)
+
+
+def test_invalid_config_is_rejected_before_compiling(tmp_path):
+    config = tiny_cmg_config(str(tmp_path / "data"))
+    config.stages[0].modalities = ("audio", "depth")
+    with pytest.raises(ValueError, match=r"stages\[0\].modalities.*depth"):
+        train.run(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")

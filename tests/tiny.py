@@ -1,0 +1,38 @@
+"""Tiny configs shared by the trainer, continual and sharding tests (compile in seconds on CPU)."""
+
+from __future__ import annotations
+
+from unialign_jax import configlib
+
+TINY_SHAPES = {"video": (6, 5, 5, 8), "audio": (6, 12), "text": (6, 16), "image": (6, 10)}
+
+
+def tiny_cmg_config(data_dir: str, modalities=("audio", "text"), steps: int = 8, seed: int = 0):
+    """A one-stage CMG config with a 16-dim model and a small synthetic world in `data_dir`."""
+    config = configlib.cmg_config(size="small", modalities=modalities)
+    config.batch_size = 16
+    config.log_every = 4
+    config.checkpoint.every = 4
+    config.seed = seed
+    model = config.model
+    model.input_shapes = {m: TINY_SHAPES[m] for m in modalities}
+    model.semantic_dim = 16
+    model.ffn_dim = 32
+    model.num_layers = 1
+    model.specific_dims = {m: 16 for m in modalities}
+    model.video_encoder_channels = (8, 8)
+    model.video_club_dim = 8
+    model.cpc_hidden = 16
+    model.cpc_layers = 1
+    model.club_hidden = 16
+    config.quantizer.codebook_capacity = 32
+    config.quantizer.initial_active_codes = 32
+    config.club.steps = 2
+    config.eval.head_steps = 50
+    config.eval.max_examples = 200
+    config.eval.batch_size = 100
+    data = configlib.synthetic_data(tuple(modalities), TINY_SHAPES, num_train=200, num_test=100)
+    data.data_dir = data_dir
+    config.stages = [configlib.stage("pretrain", tuple(modalities), data, steps=steps, codebook_rows=32)]
+    config.eval.data = data
+    return config
