@@ -56,7 +56,7 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> Non
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     """Trains every stage (resuming where possible) and returns the per-stage results."""
-    configlib.validate(config, {s.data.name: pipeline.dataset_modalities(s.data) for s in config.stages})
+    configlib.validate(config, pipeline.dataset_modalities)
     check_workdir_config(workdir, config)
     mesh = parallel.make_mesh(config.mesh)
     stages = trainer.stage_specs(config)

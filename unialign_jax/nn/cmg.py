@@ -486,6 +486,14 @@ class CMGModel(nn.Module):
             outputs["router_probs"] = router_probs
         return outputs
 
+    def predict_future(self, sequence: Array, modality: str) -> Array:
+        """Cross-CPC predictions [B, T, K, D] of `modality`'s CPC head for an external sequence.
+
+        COMET Pseudo-Modality Replay feeds the pseudo-modality (teacher code vectors standing in for
+        the previous stage's partner modality) through that modality's CPC head.
+        """
+        return self.cpc[modality](sequence)
+
     def encode(self, batch: Mapping[str, Array]) -> dict[str, tuple[Array, Array]]:
         """Evaluation encoding: {modality: (codes int32 [B, T], code_vectors [B, T, D])}.
 
