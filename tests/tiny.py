@@ -36,3 +36,26 @@ def tiny_cmg_config(data_dir: str, modalities=("audio", "text"), steps: int = 8,
     config.stages = [configlib.stage("pretrain", tuple(modalities), data, steps=steps, codebook_rows=32)]
     config.eval.data = data
     return config
+
+
+def tiny_continual_config(data_dir: str, steps: int = 4, comet: bool = True):
+    """Two COMET stages (audio-text, then image-text, text mediating) on the tiny model."""
+    config = tiny_cmg_config(data_dir, modalities=("audio", "text", "image"), steps=steps)
+    config.model.adapter_experts = 3 if comet else 0
+    config.loss.weights.gate = 1.0 if comet else 0.0
+    config.continual.pseudo_modality = comet
+    config.continual.ewc = comet
+    config.continual.fisher_batches = 2
+    config.continual.growth_examples = 64
+    config.quantizer.codebook_capacity = 24
+    config.quantizer.initial_active_codes = 16
+    first = configlib.synthetic_data(("audio", "text"), TINY_SHAPES, concepts=(0, 1, 2, 3, 4, 5),
+                                     num_train=200, num_test=100)
+    second = configlib.synthetic_data(("image", "text"), TINY_SHAPES, concepts=(3, 4, 5, 6, 7, 8),
+                                      num_train=200, num_test=100)
+    for data in (first, second, config.eval.data):
+        data.data_dir = data_dir
+    config.stages = [configlib.stage("audio_text", ("audio", "text"), first, steps=steps, codebook_rows=16),
+                     configlib.stage("image_text", ("image", "text"), second, steps=steps, codebook_rows=8,
+                                     mediator="text")]
+    return config

@@ -129,10 +129,12 @@ class CMoEAdapter(nn.Module):
 # UniAlign modality-aware MoE-LoRA (`papers/unialign.txt` §3.1, Eq. 5-9).
 
 # LoRAMoE initialises A like a PyTorch nn.Linear(d_in, r): U(±1/√d_in); the same for the routers.
-_lora_a_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", in_axis=-2, out_axis=-1,
-                                                batch_axis=(0, 1))
-_modality_router_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", in_axis=-2,
-                                                         out_axis=-1, batch_axis=(0,))
+_lora_a_init = nn.initializers.variance_scaling(
+    1.0 / 3.0, "fan_in", "uniform", in_axis=-2, out_axis=-1, batch_axis=(0, 1)
+)
+_modality_router_init = nn.initializers.variance_scaling(
+    1.0 / 3.0, "fan_in", "uniform", in_axis=-2, out_axis=-1, batch_axis=(0,)
+)
 
 
 def select_group(stacked: Array, group_id: Array) -> Array:
@@ -167,7 +169,9 @@ class LoRAExperts(nn.Module):
         lora_a = select_group(self.param("lora_a", _lora_a_init, shape_a), jnp.asarray(group_id))
         shape_b = (self.num_groups, self.num_experts, self.rank, self.features)
         lora_b = select_group(self.param("lora_b", nn.initializers.zeros, shape_b), jnp.asarray(group_id))
-        inputs, lora_a, lora_b, gates = nn.dtypes.promote_dtype(inputs, lora_a, lora_b, gates, dtype=self.dtype)
+        inputs, lora_a, lora_b, gates = nn.dtypes.promote_dtype(
+            inputs, lora_a, lora_b, gates, dtype=self.dtype
+        )
         if lora_a.ndim == 3:  # one group for the whole batch
             hidden = jnp.einsum("...d,edr->...er", inputs, lora_a) * gates[..., None]
             outputs = jnp.einsum("...er,erf->...f", hidden, lora_b)
@@ -196,6 +200,11 @@ class MoELoRA(nn.Module):
 
     As the encoder's FFN hook: `Encoder(config, adapter=functools.partial(MoELoRA, num_experts=2),
     modalities=(...))`; the encoder passes `features`, `num_modalities` and `name`.
+
+    Choices the paper leaves open (reference_implementations.md §3.2, §5.3 trap 15): routing is per
+    token (LoRAMoE), not per sample; placement (on the FFN linears or parallel to the FFN) is the
+    encoder's `adapter_placement`; defaults r=4, α=32 (paper §3.3, = LoRAMoE) and 2 dense experts per
+    modality (top-2 of 2). Deviation from LoRAMoE: no dropout on the LoRA input (0.05 there).
     """
 
     features: int
@@ -215,7 +224,8 @@ class MoELoRA(nn.Module):
         if modality_id.ndim > 1:
             raise ValueError(f"modality_id must be a scalar or [B], got shape {modality_id.shape}")
         router_shape = (self.num_modalities, inputs.shape[-1], self.num_experts)
-        router = select_group(self.param("router", _modality_router_init, router_shape, jnp.float32), modality_id)
+        routers = self.param("router", _modality_router_init, router_shape, jnp.float32)
+        router = select_group(routers, modality_id)
         features = inputs.astype(jnp.float32)
         if router.ndim == 2:
             logits = jnp.einsum("...d,de->...e", features, router)
@@ -226,7 +236,12 @@ class MoELoRA(nn.Module):
         self.sow("intermediates", "router_gates", routing.gates)
         grouped = self.routing == "grouped"
         experts = LoRAExperts(
-            self.features, self.num_experts, self.rank, self.alpha,
-            num_groups=self.num_modalities if grouped else 1, dtype=self.dtype, name="experts",
+            self.features,
+            self.num_experts,
+            self.rank,
+            self.alpha,
+            num_groups=self.num_modalities if grouped else 1,
+            dtype=self.dtype,
+            name="experts",
         )
         return experts(inputs, routing.gates, modality_id if grouped else 0)

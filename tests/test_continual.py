@@ -1,0 +1,82 @@
+"""COMET stage transitions: growth, frozen modules, Fisher/EWC carry, PMR teacher, resume across stages."""
+
+import os
+import shutil
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from unialign_jax import checkpoint as ckpt_lib
+from unialign_jax import continual
+from unialign_jax import optim
+from unialign_jax import train
+from unialign_jax import trainer
+
+from tiny import tiny_continual_config
+
+
+def _flat(tree):
+    return traverse_util.flatten_dict(jax.device_get(tree), sep="/")
+
+
+def _final(workdir, stage):
+    checkpointer = ckpt_lib.StageCheckpointer(os.path.join(workdir, stage.folder))
+    state, meta = checkpointer.restore_state()
+    checkpointer.close()
+    return state, meta
+
+
+def test_two_stage_run_grows_freezes_protects_and_replays(tmp_path):
+    config = tiny_continual_config(str(tmp_path / "data"))
+    workdir = str(tmp_path / "run")
+    results = train.run(config, workdir)
+    first, second = trainer.stage_specs(config)
+    stage1, meta1 = _final(workdir, first)
+    stage2, meta2 = _final(workdir, second)
+    assert (meta1["codebook_active"], meta2["codebook_active"]) == (16, 24)
+    assert meta2["modalities"] == ["image", "text"] and meta2["known_modalities"] == ["audio", "text", "image"]
+
+    # The next stage's starting state: old codes and their EMA statistics copied bit-identically.
+    start = continual.next_stage_state(config, second, workdir)
+    old, grown = stage1["quantizer"]["quantizer"], jax.device_get(start.quantizer["quantizer"])
+    for name in ("embedding", "ema_weight", "ema_count", "unused_steps"):
+        np.testing.assert_array_equal(grown[name][:16], np.asarray(old[name])[:16])
+    assert np.all(np.isfinite(grown["embedding"][16:24])) and not np.allclose(grown["embedding"][16:24], 0)
+
+    # The image modules are new at stage 2; the audio modules are frozen there and never move.
+    start_params = _flat(optim.merge_params(start.params, start.frozen))
+    assert any(p.startswith("semantic_encoder_image/") for p in start_params)
+    assert not any("image" in p for p in _flat(stage1["params"]))
+    frozen = _flat(stage2["frozen"])
+    assert frozen and all("audio" in path for path in frozen)
+    stage1_all = _flat(optim.merge_params(stage1["params"], stage1["frozen"]))
+    for path, value in frozen.items():
+        np.testing.assert_array_equal(value, stage1_all[path])
+
+    # Carry: the teacher is stage 1's codebook, unchanged through stage 2; EWC Fisher >= 0 and non-trivial.
+    np.testing.assert_array_equal(stage2["carry"]["teacher"]["embedding"], old["embedding"])
+    fisher = _flat(stage2["carry"]["ewc"]["fisher"])
+    assert fisher and all(path.startswith("adapter/") for path in fisher)
+    assert all(np.all(v >= 0) for v in fisher.values()) and any(np.any(v > 0) for v in fisher.values())
+    anchor = _flat(stage2["carry"]["ewc"]["anchor"])
+    for path, value in anchor.items():
+        np.testing.assert_array_equal(value, stage1_all[path])
+
+    # Evaluation covers the unseen pair audio<->image after stage 2, and forgetting for stage-1 pairs.
+    metrics = results[1]["metrics"]
+    assert "classification/audio->image" in metrics and "forgetting/classification/audio->text" in metrics
+
+
+def test_resume_across_a_stage_boundary_matches_an_uninterrupted_run(tmp_path):
+    config = tiny_continual_config(str(tmp_path / "data"), steps=8)
+    train.run(config, str(tmp_path / "a"))
+    # Interrupted during stage 2: its last checkpoint is step 4, and stage 1 is finished.
+    train.run(config, str(tmp_path / "b"))
+    second = trainer.stage_specs(config)[1]
+    shutil.rmtree(tmp_path / "b" / second.folder / "8")
+    train.run(config, str(tmp_path / "b"))
+    a, _ = _final(str(tmp_path / "a"), second)
+    b, _ = _final(str(tmp_path / "b"), second)
+    for (path, x), y in zip(_flat(a["params"]).items(), _flat(b["params"]).values()):
+        np.testing.assert_array_equal(x, y, err_msg=path)
