@@ -47,6 +47,8 @@ MODALITIES = ("video", "audio", "text", "image", "speech", "depth", "points")
 # Source name -> module defining `make_builder(data_config, data_dir)`; imported on first use.
 SOURCES: dict[str, str] = {
     "synthetic": "unialign_jax.data.synthetic",
+    "digits": "unialign_jax.data.digits",
+    "features": "unialign_jax.data.features",
 }
 
 
