@@ -194,7 +194,7 @@ def test_bad_folders_and_config_fields(tmp_path, monkeypatch):
     assert pipeline.make_builder(small_config(tmp_path, audio_source="espeak")).builder_config.audio_source == "espeak"
 
     for field, value, message in (
-        ("classes", (3, 10), r"'classes' \(a digit\) must be an integer in \[0, 10\)"),
+        ("classes", (3, 10), r"'classes' \(a class id\) must be an integer in \[0, 10\)"),
         ("seq_len", 0, r"'seq_len' must be an integer >= 1"),
         ("audio_source", "tts", r"'audio_source' must be one of"),
         ("train_per_class", 0, r"'train_per_class' must be an integer >= 1"),

@@ -32,7 +32,7 @@ import functools
 import importlib
 import inspect
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import grain
 import jax
@@ -128,6 +128,42 @@ def check_int(name: str, value, minimum: int | None = None, below: int | None = 
             bounds = ""
         raise ValueError(f"{name} must be an integer{bounds}, got {value!r}")
     return int(value)
+
+SPLITS = ("train", "test")
+
+
+def as_mapping(value):
+    """ConfigDicts (not `Mapping`s) as plain dicts; anything else unchanged."""
+    return value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+
+
+def class_subset(value, num_classes: int, field: str) -> tuple[int, ...]:
+    """A sorted tuple of distinct class ids in [0, num_classes) from a non-empty sequence."""
+    where = f"data config field {field!r}"
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
+        raise ValueError(f"{where} must be a non-empty sequence of class ids, got {value!r}")
+    ids = tuple(check_int(f"{where} (a class id)", item, 0, num_classes) for item in value)
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{where} repeats a class id: {ids}")
+    return tuple(sorted(ids))
+
+
+def split_class_subsets(value, num_classes: int, field: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """Canonical `(('train', ids), ('test', ids))` from None/() (every class), a sequence (both
+    splits) or `{split: sequence}` (missing splits: every class)."""
+    everything = tuple(range(num_classes))
+    value = as_mapping(value)
+    if value is None or (isinstance(value, Sequence) and not isinstance(value, str) and not value):
+        return tuple((split, everything) for split in SPLITS)
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - set(SPLITS))
+        if unknown:
+            raise ValueError(f"data config field {field!r}: unknown split(s) {unknown}; splits: {SPLITS}")
+        return tuple((split, class_subset(value[split], num_classes, f"{field}.{split}") if split in value
+                      else everything) for split in SPLITS)
+    subset = class_subset(value, num_classes, field)
+    return tuple((split, subset) for split in SPLITS)
+
 
 
 def _check_modalities(data_config: ml_collections.ConfigDict, modalities: Sequence[str]) -> tuple[str, ...]:

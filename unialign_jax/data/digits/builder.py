@@ -73,7 +73,7 @@ import json
 import logging
 import os
 import pathlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import ml_collections
 import numpy as np
@@ -81,11 +81,11 @@ import tensorflow_datasets as tfds
 
 from unialign_jax.data.audio_features import pooled_log_mel
 from unialign_jax.data.digits import captions, handwriting, speech
-from unialign_jax.data.pipeline import LocalBuilder, LocalDatasetInfo, check_int
+from unialign_jax.data import pipeline
+from unialign_jax.data.pipeline import SPLITS, LocalBuilder, LocalDatasetInfo, check_int
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "test")
 NUM_CLASSES = 10
 AUDIO_SOURCES = ("auto", "fsdd", "espeak")
 _CONFIG_FIELDS = (
@@ -156,7 +156,7 @@ class DigitsConfig(tfds.core.BuilderConfig):
 
         params = {
             "seq_len": field("seq_len", minimum=1),
-            "split_classes": _split_classes(data_config.get("classes")),
+            "split_classes": pipeline.split_class_subsets(data_config.get("classes"), NUM_CLASSES, "classes"),
             "per_class": (("train", optional_count("train_per_class")), ("test", optional_count("test_per_class"))),
             "fsdd_sample_rate": field("fsdd_sample_rate", minimum=1),
             "image_width": field("image_width", minimum=1),
@@ -386,34 +386,6 @@ def _check_speakers(held_out: tuple[str, ...], available: tuple[str, ...], what:
         raise ValueError(f"data config field 'held_out_speakers' holds out every one of the {what}: none left to train")
 
 
-def _as_mapping(value):
-    """ConfigDicts (not `Mapping`s) as plain dicts; anything else unchanged."""
-    return value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
 
 
-def _class_subset(value, where: str) -> tuple[int, ...]:
-    where = f"data config field {where!r}"
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
-        raise ValueError(f"{where} must be a non-empty sequence of digits, got {value!r}")
-    ids = tuple(check_int(f"{where} (a digit)", digit, 0, NUM_CLASSES) for digit in value)
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"{where} repeats a digit: {ids}")
-    return tuple(sorted(ids))
 
-
-def _split_classes(value) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    """Canonical `(('train', digits), ('test', digits))`; None or () -> all ten."""
-    everything = tuple(range(NUM_CLASSES))
-    value = _as_mapping(value)
-    if value is None or (isinstance(value, Sequence) and not isinstance(value, str) and not value):
-        return tuple((split, everything) for split in SPLITS)
-    if isinstance(value, Mapping):
-        unknown = sorted(set(value) - set(SPLITS))
-        if unknown:
-            raise ValueError(f"data config field 'classes': unknown split(s) {unknown}; splits: {SPLITS}")
-        return tuple(
-            (split, _class_subset(value[split], f"classes.{split}") if split in value else everything)
-            for split in SPLITS
-        )
-    subset = _class_subset(value, "classes")
-    return tuple((split, subset) for split in SPLITS)

@@ -42,10 +42,10 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from unialign_jax.data.pipeline import MODALITIES, LocalBuilder, LocalDatasetInfo, check_int
+from unialign_jax.data import pipeline
+from unialign_jax.data.pipeline import MODALITIES, SPLITS, LocalBuilder, LocalDatasetInfo, check_int
 from unialign_jax.data.synthetic.world import SyntheticWorld
 
-SPLITS = ("train", "test")
 _CONFIG_FIELDS = (
     "name", "data_dir", "num_concepts", "seq_len", "modality_shapes", "num_train", "num_test", "noise", "seed",
     "concepts",
@@ -103,7 +103,7 @@ class SyntheticConfig(tfds.core.BuilderConfig):
             "num_test": field("num_test", minimum=1),
             "noise": _noise(data_config.get("noise")),
             "seed": field("seed"),
-            "split_concepts": _split_concepts(data_config.get("concepts"), num_concepts),
+            "split_concepts": pipeline.split_class_subsets(data_config.get("concepts"), num_concepts, "concepts"),
         }
         description = json.dumps(params, sort_keys=True)
         digest = hashlib.sha256(f"{Synthetic.VERSION}:{description}".encode()).hexdigest()[:16]
@@ -173,14 +173,11 @@ def _noise(value) -> float:
     return float(value)
 
 
-def _as_mapping(value):
-    """ConfigDicts (not `Mapping`s) as plain dicts; anything else unchanged."""
-    return value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
 
 
 def _modality_shapes(value, seq_len: int) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """Canonical `((modality, (T, ...)), ...)` in `MODALITIES` order."""
-    value = _as_mapping(value)
+    value = pipeline.as_mapping(value)
     if not isinstance(value, Mapping) or not value:
         raise ValueError(f"data config field 'modality_shapes' must be a non-empty mapping, got {value!r}")
     shapes = {}
@@ -197,29 +194,4 @@ def _modality_shapes(value, seq_len: int) -> tuple[tuple[str, tuple[int, ...]], 
     return tuple((m, shapes[m]) for m in MODALITIES if m in shapes)
 
 
-def _concept_subset(value, num_concepts: int, where: str) -> tuple[int, ...]:
-    where = f"data config field {where!r}"
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
-        raise ValueError(f"{where} must be a non-empty sequence of concept ids, got {value!r}")
-    ids = tuple(check_int(f"{where} (a concept id)", concept, 0, num_concepts) for concept in value)
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"{where} repeats a concept id: {ids}")
-    return tuple(sorted(ids))
 
-
-def _split_concepts(value, num_concepts: int) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    """Canonical `(('train', ids), ('test', ids))`; None or () -> every concept."""
-    everything = tuple(range(num_concepts))
-    value = _as_mapping(value)
-    if value is None or (isinstance(value, Sequence) and not isinstance(value, str) and not value):
-        return tuple((split, everything) for split in SPLITS)
-    if isinstance(value, Mapping):
-        unknown = sorted(set(value) - set(SPLITS))
-        if unknown:
-            raise ValueError(f"data config field 'concepts': unknown split(s) {unknown}; splits: {SPLITS}")
-        return tuple(
-            (split, _concept_subset(value[split], num_concepts, f"concepts.{split}") if split in value else everything)
-            for split in SPLITS
-        )
-    subset = _concept_subset(value, num_concepts, "concepts")
-    return tuple((split, subset) for split in SPLITS)
