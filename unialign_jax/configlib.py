@@ -151,6 +151,32 @@ SMALL_SHAPES = {
 }
 
 
+# Per-step feature sizes of the digits benchmark (`unialign_jax.data.digits`, default settings):
+# image rows (8), 8x8 video frames (64), 40 log-mel bins, MiniLM token states (384).
+DIGITS_SHAPES = {"image": (10, 8), "video": (10, 64), "audio": (10, 40), "text": (10, 384)}
+
+
+def digits_data(*, classes: tuple[int, ...] = (), seed: int = 0) -> ml_collections.ConfigDict:
+    """The digits benchmark (real handwriting, speech and MiniLM captions), optionally a class subset."""
+    from unialign_jax.data import digits
+
+    config = digits.default_config()
+    config.classes = tuple(classes) or None
+    config.seed = seed
+    return config
+
+
+def resolve_data(name: str, modalities: tuple[str, ...]) -> str:
+    """`name`, or 'synthetic' when the digits data lacks one of `modalities` (e.g. speech)."""
+    if name not in ("synthetic", "digits"):
+        raise ValueError(f"data={name!r}: choose data=digits or data=synthetic.")
+    missing = [m for m in modalities if name == "digits" and m not in DIGITS_SHAPES]
+    if missing:
+        print(f"data=digits has no {missing}; using the synthetic world for this config.")
+        return "synthetic"
+    return name
+
+
 def synthetic_data(
     modalities: tuple[str, ...],
     shapes: dict,
@@ -178,7 +204,7 @@ def synthetic_data(
     )
 
 
-def cmg_config(*, size: str, modalities: tuple[str, ...]) -> ml_collections.ConfigDict:
+def cmg_config(*, size: str, modalities: tuple[str, ...], data: str = "synthetic") -> ml_collections.ConfigDict:
     """Model, quantizer, loss, optimizer and loop settings shared by the CMG and COMET configs.
 
     `size='reference'` has the reference's dimensions (CMG `pretrain.py`: video 10x7x7x512, audio
@@ -188,7 +214,7 @@ def cmg_config(*, size: str, modalities: tuple[str, ...]) -> ml_collections.Conf
     if size not in ("small", "reference"):
         raise ValueError(f"size must be 'small' or 'reference', got {size!r}.")
     reference = size == "reference"
-    shapes = REFERENCE_SHAPES if reference else SMALL_SHAPES
+    shapes = DIGITS_SHAPES if data == "digits" else REFERENCE_SHAPES if reference else SMALL_SHAPES
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.size = size
@@ -253,7 +279,7 @@ def cmg_config(*, size: str, modalities: tuple[str, ...]) -> ml_collections.Conf
         ],
     )
     c.continual = dict(pseudo_modality=False, ewc=False, ewc_strength=1.0, fisher_batches=10, growth_examples=500)
-    c.eval = dict(head_steps=400, head_learning_rate=1e-3, head_batch_size=64, batch_size=250, max_examples=1000, data=None)
+    c.eval = dict(paired=data == "synthetic", head_steps=400, head_learning_rate=1e-3, head_batch_size=64, batch_size=250, max_examples=1000, data=None)
     return c
 
 
@@ -287,18 +313,18 @@ def continual_config(arg: str | None, pairs: list[tuple[str, str]], *, mediator:
                      comet: bool = True) -> ml_collections.ConfigDict:
     """COMET (or the DCID baseline) over bimodal stages linked by `mediator`.
 
-    Arg string: `data=synthetic`, `size=small|reference`, `seed=N`, `steps=N` (per stage), and the
+    Arg string: `data=digits|synthetic` (digits, the default, falls back to the synthetic world for
+    modalities it lacks, e.g. speech), `size=small|reference`, `seed=N`, `steps=N` (per stage), and the
     COMET switches of the paper's ablation (Table 6), each `true|false`: `pm` (Pseudo-Modality
     Replay), `moe` (CMoE-Adapter), `gate` (its load-balancing loss), `ewc`, `sl` (the adapter's
     modality-specific layers). COMET configs grow the codebook at every stage; the DCID baseline
     (`comet=False`: every switch off) keeps one fixed codebook of the same total size.
     """
-    arg = parse_arg(arg, data="synthetic", size="small", seed=0, steps=0, pm=comet, moe=comet, gate=comet,
+    arg = parse_arg(arg, data="digits", size="small", seed=0, steps=0, pm=comet, moe=comet, gate=comet,
                     ewc=comet, sl=comet)
-    if arg.data != "synthetic":
-        raise ValueError(f"data={arg.data!r}: this config supports data=synthetic.")
     modalities = tuple(dict.fromkeys(m for pair in pairs for m in pair))
-    config = cmg_config(size=arg.size, modalities=modalities)
+    data_name = resolve_data(arg.data, modalities)
+    config = cmg_config(size=arg.size, modalities=modalities, data=data_name)
     config.seed = arg.seed
     reference = arg.size == "reference"
     first_rows, later_rows = (400, 100) if reference else (48, 16)
@@ -317,9 +343,13 @@ def continual_config(arg: str | None, pairs: list[tuple[str, str]], *, mediator:
     config.stages = []
     for index, (pair, concepts) in enumerate(zip(pairs, windows)):
         rows = (first_rows if comet else total_rows) if index == 0 else (later_rows if comet else 0)
-        data = synthetic_data(pair, shapes, concepts=concepts, seed=arg.seed)
+        if data_name == "digits":
+            data = digits_data(classes=concepts, seed=arg.seed)
+        else:
+            data = synthetic_data(pair, shapes, concepts=concepts, seed=arg.seed)
         name = "_".join(pair)
         config.stages.append(stage(name, pair, data, steps=steps, codebook_rows=rows,
                                    mediator=mediator if index else ""))
-    config.eval.data = synthetic_data(modalities, shapes, seed=arg.seed)
+    config.eval.data = digits_data(seed=arg.seed) if data_name == "digits" else synthetic_data(
+        modalities, shapes, seed=arg.seed)
     return config

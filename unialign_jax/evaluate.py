@@ -88,7 +88,8 @@ def evaluate_stage(config: ml_collections.ConfigDict, stage: trainer.StageSpec, 
     metrics = eval_lib.cross_modal_scores(labelled("train"), labelled("test"), modalities=modalities,
                                           config=head_config)
     test_data, test_codes, test_vectors, test_routing = splits["test"]
-    metrics.update(eval_lib.retrieval_scores(test_vectors, modalities=modalities, paired=True))
+    metrics.update(eval_lib.retrieval_scores(
+        test_vectors, {m: test_data["label"] for m in modalities}, modalities=modalities, paired=config.eval.paired))
     active = int(state.quantizer["quantizer"]["active_count"])
     metrics.update(eval_lib.codebook_usage(test_codes, active, modalities))
     if test_routing:
