@@ -107,3 +107,21 @@ def test_plot_code_usage_writes_png(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["codes.png"]
     with pytest.raises(ValueError, match=r"usage_matrix must be \[codes, 2\]"):
         report.plot_code_usage(tmp_path / "x.png", usage, ("video", "audio"))
+
+
+def test_compare_runs_averages_unseen_seen_and_forgetting_over_seeds(tmp_path):
+    def run(name, unseen, seen, forgetting):
+        stages = [
+            {"name": "vt", "modalities": ["video", "text"], "metrics": {"classification/video->text": 0.9}},
+            {"name": "at", "modalities": ["audio", "text"], "metrics": {
+                "classification/video->text": seen, "classification/audio->text": seen,
+                "classification/video->audio": unseen, "classification/audio->video": unseen,
+                "forgetting/classification/video->text": forgetting}},
+        ]
+        (tmp_path / name / "results").mkdir(parents=True)
+        (tmp_path / name / "results" / "summary.json").write_text(json.dumps({"stages": stages}))
+        return tmp_path / name
+
+    table = report.compare_runs({"comet": [run("a", 0.3, 0.6, -0.1), run("b", 0.5, 0.8, -0.3)]})
+    row = table.splitlines()[2]
+    assert "| comet" in row and "40.0 ± 10.0" in row and "70.0 ± 10.0" in row and "-20.0 ± 10.0" in row

@@ -272,3 +272,57 @@ def plot_code_usage(
     with _atomic_path(path) as temporary:
         figure.savefig(temporary, format="png", dpi=120)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# Comparing methods over seeds.
+
+
+def final_stage_scores(summary: Mapping[str, object]) -> dict[str, float]:
+    """Headline numbers of a run's last stage: mean classification accuracy over unseen and seen
+    pairs, and mean forgetting of the classification pairs learned in earlier stages."""
+    stages = summary["stages"]
+    last = stages[-1]
+    pairs = [key.split("/", 1)[1] for key in last["metrics"] if key.startswith("classification/")]
+    modalities = list(dict.fromkeys(m for pair in pairs for m in pair.split("->")))
+    status = pair_status(modalities, [s["modalities"] for s in stages])
+    groups: dict[str, list[float]] = {"unseen": [], "seen": [], "forgetting": []}
+    for key, value in last["metrics"].items():
+        if value is None:
+            continue
+        if key.startswith("classification/"):
+            groups[status[key.split("/", 1)[1]]].append(float(value))
+        elif key.startswith("forgetting/classification/"):
+            groups["forgetting"].append(float(value))
+    return {name: float(np.mean(values)) if values else math.nan for name, values in groups.items()}
+
+
+def compare_runs(runs: Mapping[str, Sequence[str | os.PathLike]]) -> str:
+    """Markdown table: per method, mean ± std over its workdirs (seeds) of `final_stage_scores`."""
+    rows = []
+    for method, workdirs in runs.items():
+        scores = [final_stage_scores(json.loads((Path(w) / "results" / "summary.json").read_text()))
+                  for w in workdirs]
+        row: dict[str, object] = {"method": method, "runs": len(scores)}
+        for name, column in (("unseen", "unseen pairs %"), ("seen", "seen pairs %"),
+                             ("forgetting", "forgetting (pp)")):
+            values = 100.0 * np.asarray([s[name] for s in scores])
+            row[column] = f"{values.mean():.1f} ± {values.std():.1f}"
+        rows.append(row)
+    columns = ["method", "runs", "unseen pairs %", "seen pairs %", "forgetting (pp)"]
+    return format_table(rows, columns, markdown=True)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m unialign_jax.report comet=w1,w2,w3 dcid=w4,w5,w6` prints the comparison table."""
+    import sys
+
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if not arguments or any("=" not in a for a in arguments):
+        raise SystemExit("usage: python -m unialign_jax.report METHOD=WORKDIR[,WORKDIR...] ...")
+    runs = {name: value.split(",") for name, value in (a.split("=", 1) for a in arguments)}
+    print(compare_runs(runs))
+
+
+if __name__ == "__main__":
+    main()
