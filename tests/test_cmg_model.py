@@ -23,15 +23,6 @@ OUTPUT_KEYS = {"semantic", "quantized", "code_vectors", "codes", "squared_distan
                "specific", "reconstruction", "cpc_predictions"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-    """Compilation dominates with tiny shapes: skip most XLA optimisations (as Flax's tests do)."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
-
-
 def tiny_config(modalities, **overrides):
     shapes = {"video": (4, 7, 7, 8), "audio": (4, 6), "text": (4, 12)}
     settings = dict(

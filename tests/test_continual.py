@@ -1,10 +1,15 @@
-"""COMET stage transitions: growth, frozen modules, Fisher/EWC carry, PMR teacher, resume across stages."""
+"""COMET stage transitions: growth, frozen modules, Fisher/EWC carry, PMR teacher, resume across stages.
+
+One uninterrupted two-stage run (module fixture) serves every test; the resume test copies its
+workdir, removes the last checkpoint of stage 2 and re-runs from there.
+"""
 
 import os
 import shutil
 
 import jax
 import numpy as np
+import pytest
 from flax import traverse_util
 
 from unialign_jax import checkpoint as ckpt_lib
@@ -27,10 +32,17 @@ def _final(workdir, stage):
     return state, meta
 
 
-def test_two_stage_run_grows_freezes_protects_and_replays(tmp_path):
-    config = tiny_continual_config(str(tmp_path / "data"))
-    workdir = str(tmp_path / "run")
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("continual")
+    config = tiny_continual_config(str(root / "data"), steps=8)
+    workdir = str(root / "run")
     results = train.run(config, workdir)
+    return config, workdir, results
+
+
+def test_two_stage_run_grows_freezes_protects_and_replays(finished_run):
+    config, workdir, results = finished_run
     first, second = trainer.stage_specs(config)
     stage1, meta1 = _final(workdir, first)
     stage2, meta2 = _final(workdir, second)
@@ -68,15 +80,16 @@ def test_two_stage_run_grows_freezes_protects_and_replays(tmp_path):
     assert "classification/audio->image" in metrics and "forgetting/classification/audio->text" in metrics
 
 
-def test_resume_across_a_stage_boundary_matches_an_uninterrupted_run(tmp_path):
-    config = tiny_continual_config(str(tmp_path / "data"), steps=8)
-    train.run(config, str(tmp_path / "a"))
-    # Interrupted during stage 2: its last checkpoint is step 4, and stage 1 is finished.
-    train.run(config, str(tmp_path / "b"))
+def test_resume_across_a_stage_boundary_matches_an_uninterrupted_run(finished_run, tmp_path):
+    config, workdir, _ = finished_run
     second = trainer.stage_specs(config)[1]
-    shutil.rmtree(tmp_path / "b" / second.folder / "8")
-    train.run(config, str(tmp_path / "b"))
-    a, _ = _final(str(tmp_path / "a"), second)
-    b, _ = _final(str(tmp_path / "b"), second)
+    # Interrupted during stage 2: its last checkpoint is step 4, and stage 1 is finished.
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(workdir, resumed)
+    shutil.rmtree(os.path.join(resumed, second.folder, "8"))
+    train.run(config, resumed)
+    a, _ = _final(workdir, second)
+    b, meta = _final(resumed, second)
+    assert meta["finished"]
     for (path, x), y in zip(_flat(a["params"]).items(), _flat(b["params"]).values()):
         np.testing.assert_array_equal(x, y, err_msg=path)

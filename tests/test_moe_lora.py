@@ -13,15 +13,6 @@ from unialign_jax.nn.transformer import Encoder, TransformerConfig
 D_IN, FEATURES, MODALITIES = 8, 6, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compilation():
-    """These tiny programs compile faster than XLA can optimise them (halves this file's CPU time)."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
-
-
 INPUTS = np.random.default_rng(0).normal(size=(2, 5, D_IN)).astype(np.float32)
 
 

@@ -54,9 +54,8 @@ def test_step_compiles_once_and_changes_params_codebook_and_club(tmp_path):
 def test_resume_after_interruption_gives_the_same_final_state(tmp_path):
     config = tiny_cmg_config(str(tmp_path / "data"), steps=8)
     uninterrupted = _run_stage(config, str(tmp_path / "a"))
-    first = _run_stage(config, str(tmp_path / "b"))
-    np.testing.assert_array_equal(_params(first)[0], _params(uninterrupted)[0])
-    # Interrupt: drop the final checkpoint so only step 4 remains, then re-run the same stage.
+    # Interrupt: a copy of the run without its final checkpoint (only step 4 remains), re-run.
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
     stage_dir = tmp_path / "b" / trainer.stage_specs(config)[0].folder
     shutil.rmtree(stage_dir / "8")
     resumed = _run_stage(config, str(tmp_path / "b"))

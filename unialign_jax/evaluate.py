@@ -17,6 +17,7 @@ earlier pair's score now minus its score right after the stage that first evalua
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -33,17 +34,21 @@ from unialign_jax import eval as eval_lib
 from unialign_jax import optim
 from unialign_jax import report
 from unialign_jax import trainer
+from unialign_jax import unialign_evaluate
 from unialign_jax.data import pipeline
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _encode_batch(model, with_routing: bool, variables: dict, batch: dict):
+    outputs = model.apply(variables, batch, train=False, update_codebook=False)
+    routing = outputs.get("router_probs", {}) if with_routing else {}
+    return {m: (outputs["codes"][m], outputs["code_vectors"][m]) for m in batch}, routing
+
+
 def encode_split(model, variables: dict, data: dict, modalities, batch_size: int, with_routing: bool):
-    """{m: (codes [N,T], code vectors [N,T,D])} and, with an adapter, {m: router probs [N,T,U]}."""
+    """{m: (codes [N,T], code vectors [N,T,D])} and, with an adapter, {m: router probs [N,T,U]}.
 
-    @jax.jit
-    def encode(batch):
-        outputs = model.apply(variables, batch, train=False, update_codebook=False)
-        routing = outputs.get("router_probs", {}) if with_routing else {}
-        return {m: (outputs["codes"][m], outputs["code_vectors"][m]) for m in batch}, routing
-
+    Fixed-size (zero-padded) batches, so one compilation per model serves both splits.
+    """
     num = len(data["label"])
     codes = {m: [] for m in modalities}
     vectors = {m: [] for m in modalities}
@@ -52,7 +57,7 @@ def encode_split(model, variables: dict, data: dict, modalities, batch_size: int
         chunk = {m: data[m][start : start + batch_size] for m in modalities}
         size = len(chunk[modalities[0]])
         padded = {m: np.concatenate([x, np.zeros((batch_size - size, *x.shape[1:]), x.dtype)]) for m, x in chunk.items()}
-        encoded, probs = jax.device_get(encode(padded))
+        encoded, probs = jax.device_get(_encode_batch(model, with_routing, variables, padded))
         for m in modalities:
             codes[m].append(encoded[m][0][:size])
             vectors[m].append(encoded[m][1][:size])
@@ -118,13 +123,23 @@ def stage_table(history: list[dict]) -> str:
     return f"\n{latest['name']}:\n" + report.format_table(rows, columns)
 
 
+def config_from_json(value):
+    """A resolved config read back from `config.json`: dicts become ConfigDicts, also inside lists
+    (`ConfigDict(json)` leaves the stage dicts of `config.stages` plain dicts)."""
+    if isinstance(value, dict):
+        return ml_collections.ConfigDict({key: config_from_json(item) for key, item in value.items()})
+    if isinstance(value, list):
+        return [config_from_json(item) for item in value]
+    return value
+
+
 def evaluate_workdir(workdir: str) -> list[dict]:
     """Re-evaluates every finished stage of a workdir from its checkpoints and config.json."""
     config_path = os.path.join(workdir, "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{config_path} not found: is {workdir} a unialign_jax.train workdir?")
     with open(config_path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+        config = config_from_json(json.load(f))
     history: list[dict] = []
     for stage in trainer.stage_specs(config):
         checkpointer = ckpt_lib.StageCheckpointer(os.path.join(workdir, stage.folder))
@@ -136,6 +151,10 @@ def evaluate_workdir(workdir: str) -> list[dict]:
         stored, _ = checkpointer.restore_state()
         checkpointer.close()
         state = trainer.TrainState(**stored)
+        if config.get("method", "cmg") == "unialign":
+            history.append(unialign_evaluate.evaluate_stage(config, stage, state, workdir))
+            print(unialign_evaluate.results_markdown(config, history[-1]), flush=True)
+            continue
         history.append(evaluate_stage(config, stage, state, workdir, history))
         print(stage_table(history), flush=True)
     return history
