@@ -286,15 +286,8 @@ class BertWeights:
         remat: bool = False,
         dtype: Dtype = jnp.float32,
     ) -> BertTextEncoder:
-        encoder = Encoder(
-            self.config,
-            adapter=adapter,
-            adapter_placement=adapter_placement,
-            modalities=tuple(modalities),
-            scan_layers=self.scan_layers,
-            remat=remat,
-            dtype=dtype,
-        )
+        encoder = Encoder(self.config, adapter=adapter, adapter_placement=adapter_placement,
+                          modalities=tuple(modalities), scan_layers=self.scan_layers, remat=remat, dtype=dtype)
         return BertTextEncoder(encoder, self.vocab_size, self.max_positions, self.type_vocab_size)
 
 
@@ -510,15 +503,8 @@ class ClipVisionWeights:
         remat: bool = False,
         dtype: Dtype = jnp.float32,
     ) -> ClipBackbone:
-        encoder = Encoder(
-            self.config,
-            adapter=adapter,
-            adapter_placement=adapter_placement,
-            modalities=tuple(modalities),
-            scan_layers=self.scan_layers,
-            remat=remat,
-            dtype=dtype,
-        )
+        encoder = Encoder(self.config, adapter=adapter, adapter_placement=adapter_placement,
+                          modalities=tuple(modalities), scan_layers=self.scan_layers, remat=remat, dtype=dtype)
         return ClipBackbone(encoder, self.output_dim)
 
 
