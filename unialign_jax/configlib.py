@@ -166,10 +166,19 @@ def digits_data(*, classes: tuple[int, ...] = (), seed: int = 0) -> ml_collectio
     return config
 
 
+def features_data(dataset: str) -> ml_collections.ConfigDict:
+    """A user's pre-extracted features, converted by `python -m unialign_jax.data.convert --name=...`."""
+    from unialign_jax.data import features
+
+    config = features.default_config()
+    config.dataset = dataset
+    return config
+
+
 def resolve_data(name: str, modalities: tuple[str, ...]) -> str:
     """`name`, or 'synthetic' when the digits data lacks one of `modalities` (e.g. speech)."""
-    if name not in ("synthetic", "digits"):
-        raise ValueError(f"data={name!r}: choose data=digits or data=synthetic.")
+    if name not in ("synthetic", "digits", "features"):
+        raise ValueError(f"data={name!r}: choose data=digits, data=synthetic or data=features.")
     missing = [m for m in modalities if name == "digits" and m not in DIGITS_SHAPES]
     if missing:
         print(f"data=digits has no {missing}; using the synthetic world for this config.")
@@ -214,7 +223,9 @@ def cmg_config(*, size: str, modalities: tuple[str, ...], data: str = "synthetic
     if size not in ("small", "reference"):
         raise ValueError(f"size must be 'small' or 'reference', got {size!r}.")
     reference = size == "reference"
-    shapes = DIGITS_SHAPES if data == "digits" else REFERENCE_SHAPES if reference else SMALL_SHAPES
+    # Pre-extracted features come at the reference dimensions of the paper's extractors.
+    shapes = (DIGITS_SHAPES if data == "digits" else
+              REFERENCE_SHAPES if reference or data == "features" else SMALL_SHAPES)
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.size = size
@@ -242,6 +253,8 @@ def cmg_config(*, size: str, modalities: tuple[str, ...], data: str = "synthetic
         adapter_experts=0,
         adapter_specific_layers=True,
         dtype="float32",
+        remat=False,
+        scan_layers=False,
     )
     c.quantizer = dict(
         codebook_capacity=400 if reference else 64,
@@ -279,7 +292,7 @@ def cmg_config(*, size: str, modalities: tuple[str, ...], data: str = "synthetic
         ],
     )
     c.continual = dict(pseudo_modality=False, ewc=False, ewc_strength=1.0, fisher_batches=10, growth_examples=500)
-    c.eval = dict(paired=data == "synthetic", head_steps=400, head_learning_rate=1e-3, head_batch_size=64, batch_size=250, max_examples=1000, data=None)
+    c.eval = dict(paired=data in ("synthetic", "features"), head_steps=400, head_learning_rate=1e-3, head_batch_size=64, batch_size=250, max_examples=1000, data=None)
     return c
 
 
@@ -313,15 +326,17 @@ def continual_config(arg: str | None, pairs: list[tuple[str, str]], *, mediator:
                      comet: bool = True) -> ml_collections.ConfigDict:
     """COMET (or the DCID baseline) over bimodal stages linked by `mediator`.
 
-    Arg string: `data=digits|synthetic` (digits, the default, falls back to the synthetic world for
-    modalities it lacks, e.g. speech), `size=small|reference`, `seed=N`, `steps=N` (per stage), and the
+    Arg string: `data=digits|synthetic|features` (digits, the default, falls back to the synthetic
+    world for modalities it lacks, e.g. speech; `features` reads the user's converted datasets at the
+    reference dimensions: `datasets=vatex+audiocaps+flickr` one per stage, `eval_dataset=NAME`),
+    `size=small|reference`, `seed=N`, `steps=N` (per stage), and the
     COMET switches of the paper's ablation (Table 6), each `true|false`: `pm` (Pseudo-Modality
     Replay), `moe` (CMoE-Adapter), `gate` (its load-balancing loss), `ewc`, `sl` (the adapter's
     modality-specific layers). COMET configs grow the codebook at every stage; the DCID baseline
     (`comet=False`: every switch off) keeps one fixed codebook of the same total size.
     """
     arg = parse_arg(arg, data="digits", size="small", seed=0, steps=0, pm=comet, moe=comet, gate=comet,
-                    ewc=comet, sl=comet)
+                    ewc=comet, sl=comet, datasets="", eval_dataset="")
     modalities = tuple(dict.fromkeys(m for pair in pairs for m in pair))
     data_name = resolve_data(arg.data, modalities)
     config = cmg_config(size=arg.size, modalities=modalities, data=data_name)
@@ -345,11 +360,28 @@ def continual_config(arg: str | None, pairs: list[tuple[str, str]], *, mediator:
         rows = (first_rows if comet else total_rows) if index == 0 else (later_rows if comet else 0)
         if data_name == "digits":
             data = digits_data(classes=concepts, seed=arg.seed)
+        elif data_name == "features":
+            data = features_data(_stage_datasets(arg.datasets, len(pairs))[index])
         else:
             data = synthetic_data(pair, shapes, concepts=concepts, seed=arg.seed)
         name = "_".join(pair)
         config.stages.append(stage(name, pair, data, steps=steps, codebook_rows=rows,
                                    mediator=mediator if index else ""))
-    config.eval.data = digits_data(seed=arg.seed) if data_name == "digits" else synthetic_data(
-        modalities, shapes, seed=arg.seed)
+    if data_name == "features":
+        if not arg.eval_dataset:
+            raise ValueError("data=features needs eval_dataset=NAME: a converted dataset holding the modalities to "
+                             "evaluate (pairs it lacks are skipped).")
+        config.eval.data = features_data(arg.eval_dataset)
+    elif data_name == "digits":
+        config.eval.data = digits_data(seed=arg.seed)
+    else:
+        config.eval.data = synthetic_data(modalities, shapes, seed=arg.seed)
     return config
+
+
+def _stage_datasets(datasets: str, num_stages: int) -> list[str]:
+    names = [name for name in datasets.split("+") if name]
+    if len(names) != num_stages:
+        raise ValueError(f"data=features needs datasets=NAME1+NAME2+... with one converted dataset per stage "
+                         f"({num_stages}), got {datasets!r}.")
+    return names

@@ -72,7 +72,11 @@ def encode_split(model, variables: dict, data: dict, modalities, batch_size: int
 def evaluate_stage(config: ml_collections.ConfigDict, stage: trainer.StageSpec, state: trainer.TrainState,
                    workdir: str, history: list[dict]) -> dict:
     """Scores every pair of the modalities learned up to `stage`; writes the results so far."""
-    modalities = stage.seen_modalities
+    available = pipeline.dataset_modalities(config.eval.data)
+    modalities = tuple(m for m in stage.seen_modalities if m in available)
+    if len(modalities) < 2:
+        raise ValueError(f"config.eval.data provides {available}: fewer than two of the learned modalities "
+                         f"{stage.seen_modalities} to evaluate.")
     model, _ = trainer.build_models(config, stage)
     variables = {"params": optim.merge_params(state.params, state.frozen), "quantizer": state.quantizer}
     with_routing = config.model.adapter_experts > 0
