@@ -11,6 +11,7 @@ localisation, retrieval, codebook usage, forgetting) into `workdir/results/`.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -26,15 +27,12 @@ from unialign_jax import configlib
 from unialign_jax import continual
 from unialign_jax import evaluate
 from unialign_jax import parallel
+from unialign_jax import teachers
 from unialign_jax import trainer
+from unialign_jax import unialign_config
+from unialign_jax import unialign_evaluate
+from unialign_jax import unialign_trainer
 from unialign_jax.data import pipeline
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file (configs/*.py[:args]).", lock_config=True
-)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
-flags.mark_flags_as_required(["config", "workdir"])
-
 
 def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     """Refuses to resume a workdir that was started with a different config (nothing is overwritten)."""
@@ -56,6 +54,8 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> Non
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     """Trains every stage (resuming where possible) and returns the per-stage results."""
+    if config.get("method", "cmg") == "unialign":
+        return run_unialign(config, workdir)
     configlib.validate(config, pipeline.dataset_modalities)
     check_workdir_config(workdir, config)
     mesh = parallel.make_mesh(config.mesh)
@@ -78,12 +78,39 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     return results
 
 
+def run_unialign(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+    """UniAlign (`config.method = 'unialign'`): one stage through the same stage loop, its own step,
+    mixed-modality data and evaluation."""
+    unialign_config.validate(config, pipeline.dataset_modalities)
+    teachers.check_available(config, workdir)
+    check_workdir_config(workdir, config)
+    mesh = parallel.make_mesh(config.mesh)
+    (stage,) = trainer.stage_specs(config)
+    logger.info("=== UniAlign: %s for %d steps ===", "+".join(stage.modalities), stage.steps)
+    state = trainer.train_stage(
+        config,
+        stage,
+        workdir,
+        mesh,
+        lambda: unialign_trainer.fresh_state(config, stage, workdir),
+        step_factory=unialign_trainer.UniAlignStep,
+        iterator_factory=functools.partial(unialign_trainer.make_train_iterator, workdir=workdir),
+    )
+    result = unialign_evaluate.evaluate_stage(config, stage, state, workdir)
+    print(unialign_evaluate.results_markdown(config, result), flush=True)
+    return [result]
+
+
 def main(argv):
     del argv
     parallel.maybe_initialize_distributed()
     logs.setup()
-    run(_CONFIG.value, _WORKDIR.value)
+    run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
+    # Defined here, not at import, so that `run` can be imported next to other CLIs (bench, evaluate).
+    config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+    flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

@@ -357,7 +357,8 @@ class ProgressLog:
         for name, value in scalars.items():
             if not math.isfinite(value):
                 raise FloatingPointError(f"Stage {self.stage.name!r} step {step}: metric {name} is {value}.")
-        keys = ("loss/total", "loss/reconstruction", "loss/commitment", "loss/cmcm", "loss/cpc", "loss/club")
+        keys = ("loss/total", "loss/reconstruction", "loss/commitment", "loss/cmcm", "loss/cpc", "loss/club",
+                "loss/nce", "loss/soft_bind", "loss/anchor_distil", "loss/model_distil")
         shown = " ".join(f"{k.split('/')[-1]}={scalars[k]:.4g}" for k in keys if k in scalars)
         logger.info(
             "[%s] step %d/%d %s | %.2f steps/s, ETA %s",
@@ -385,21 +386,35 @@ def _format_seconds(seconds: float) -> str:
 def stage_meta(
     config: ml_collections.ConfigDict, stage: StageSpec, state: TrainState, finished: bool
 ) -> dict:
-    quantizer = state.quantizer["quantizer"]
     config_json = config.to_json_best_effort(sort_keys=True)
-    return {
+    meta = {
         "stage": stage.name,
         "stage_index": stage.index,
         "modalities": list(stage.modalities),
         "mediator": stage.mediator,
         "steps": stage.steps,
         "finished": finished,
-        "codebook_active": int(quantizer["active_count"]),
-        "codebook_capacity": int(quantizer["embedding"].shape[0]),
         "known_modalities": list(config.model.modalities),
         "config_hash": ckpt_lib.config_hash(config_json),
         "versions": ckpt_lib.library_versions(),
     }
+    quantizer = state.quantizer.get("quantizer")
+    if quantizer is not None:  # methods without a codebook (UniAlign) have an empty collection
+        meta["codebook_active"] = int(quantizer["active_count"])
+        meta["codebook_capacity"] = int(quantizer["embedding"].shape[0])
+    return meta
+
+
+def cmg_train_iterator(config: ml_collections.ConfigDict, stage: StageSpec):
+    """The CMG/COMET training batches of a stage: its modalities from its dataset (`pipeline`)."""
+    return pipeline.make_train_iterator(
+        stage.data,
+        modalities=stage.modalities,
+        batch_size=config.batch_size,
+        seed=config.seed + stage.index,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
 
 
 def train_stage(
@@ -408,11 +423,18 @@ def train_stage(
     workdir: str,
     mesh,
     initial_state: Callable[[], TrainState],
+    *,
+    step_factory: Callable[..., Any] = StepFunction,
+    iterator_factory: Callable[[ml_collections.ConfigDict, StageSpec], Any] = cmg_train_iterator,
 ) -> TrainState:
     """Runs (or resumes) one stage to completion and returns its final state.
 
     Args:
       initial_state: builds the stage's starting state (also when resuming: it gives the structure).
+      step_factory: `(config, stage, mesh, abstract_state, state_shardings) -> step`, a jitted
+        `step(state, batch) -> (state, metrics)` (default: the CMG/COMET `StepFunction`).
+      iterator_factory: `(config, stage) -> iterator` of host batches with grain's checkpointable
+        state (default: `cmg_train_iterator`).
     """
     checkpointer = ckpt_lib.StageCheckpointer(
         os.path.join(workdir, stage.folder), max_to_keep=config.checkpoint.max_to_keep
@@ -420,15 +442,8 @@ def train_stage(
     state = initial_state()
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
     shardings = state_shardings(abstract, mesh, config.sharding_rules)
-    state = jax.device_put(state, shardings)
-    data_iterator = pipeline.make_train_iterator(
-        stage.data,
-        modalities=stage.modalities,
-        batch_size=config.batch_size,
-        seed=config.seed + stage.index,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
+    state = parallel.put_on_mesh(state, shardings)
+    data_iterator = iterator_factory(config, stage)
 
     latest = checkpointer.latest_step()
     if latest is not None:
@@ -439,7 +454,7 @@ def train_stage(
             checkpointer.close()
             return state
 
-    step_fn = StepFunction(config, stage, mesh, abstract, shardings)
+    step_fn = step_factory(config, stage, mesh, abstract, shardings)
     first = int(state.step)
     progress = ProgressLog(workdir, stage, first)
     for step in range(first + 1, stage.steps + 1):

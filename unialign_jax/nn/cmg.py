@@ -38,7 +38,7 @@ Deviations from the reference, all deliberate:
 * Video pooling: the released code takes its softmax over a singleton axis (`nn.Softmax(dim=-1)`
   on [BT, 49, 1] scores), so every position weight is exactly 1: the "attention" is an unweighted
   SUM over the H·W positions and its params get no gradient. `video_pooling="sum"` (default)
-  reproduces that; `video_pooling="attention"` takes the softmax over the positions, the design
+  reproduces that (the score path's params exist, but it is not evaluated after init); `video_pooling="attention"` takes the softmax over the positions, the design
   the code intends (and reference_implementations.md §1.4 describes). Same params in both.
 * The CLUB feature averages the whole [H-4, W-4] map; the reference's AvgPool2d(3, stride 1) does
   the same for its 7×7 inputs (3×3 map) and breaks for other sizes. Inputs need H, W >= 5.
@@ -90,6 +90,17 @@ class CMGModelConfig:
     A modality's input shape is (T, D) or, for video-like inputs, (T, H, W, C). `specific_dims` is
     needed for every (T, D) modality; a (T, H, W, C) modality's specific (CLUB target) size is
     `video_club_dim`. `adapter_top_k` = 0 routes densely over all `adapter_experts`.
+
+    Options for scale (none changes the function the model computes):
+    * `dtype`: compute dtype; parameters stay float32 (the master weights) and are cast for each
+      use, so "bfloat16" is bf16 compute with float32 master weights. bf16/fp16 outputs leave
+      the model in float32, so the losses are computed in float32.
+    * `remat`: rematerialise activations: the transformer layers and the video encoder and decoder
+      keep only their inputs for the backward pass and recompute the rest there.
+    * `scan_layers`: the semantic encoders' transformer layers run as one `nn.scan` over stacked
+      parameters (`semantic_encoder_{m}/layers/...`, leading axis = layer) instead of unrolled
+      `layer_{i}` modules: one compiled layer body however deep the stack. Another parameter
+      layout, so checkpoints do not carry over between the two settings.
     """
 
     modalities: tuple[str, ...]
@@ -111,6 +122,8 @@ class CMGModelConfig:
     adapter_specific_layers: bool = True
     adapter_top_k: int = 0
     dtype: str = "float32"
+    remat: bool = False
+    scan_layers: bool = False
     # Quantizer (see VectorQuantizer); its code_dim is semantic_dim.
     codebook_capacity: int = 400
     initial_active_codes: int = 400
@@ -222,6 +235,14 @@ class CMGModelConfig:
         return jnp.dtype(self.dtype)
 
 
+def as_float32(tree: Any) -> Any:
+    """`tree` with its bfloat16/float16 leaves in float32 (model outputs, so losses run in float32)."""
+    def widen(x: Array) -> Array:
+        narrow = jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32
+        return x.astype(jnp.float32) if narrow else x
+    return jax.tree.map(widen, tree)
+
+
 def reference_config(**overrides: Any) -> CMGModelConfig:
     """The tri-modal CMG pre-training model (reference §1.4).
 
@@ -254,6 +275,10 @@ class VideoSpatialPooler(nn.Module):
         channel_gate = nn.sigmoid(dense(channels, use_bias=False, name="se_expand")(squeeze))
         attended = video * channel_gate[:, :, None, None, :] + video
         positions = attended.reshape(batch, time, height * width, channels)
+        if self.pooling == "sum" and not self.is_initializing():
+            # The reference's softmax over a trailing singleton axis makes every weight exactly 1 and
+            # gives the score path exactly zero gradients: its params exist but it is not evaluated.
+            return jnp.sum(positions, axis=-2)
         average_query = nn.relu(dense(channels // 2, name="average_projection")(average))
         position_query = nn.relu(dense(channels // 2, name="position_projection")(positions))
         scores = jnp.tanh(dense(1, name="score")(position_query * average_query[:, :, None]))
@@ -263,7 +288,10 @@ class VideoSpatialPooler(nn.Module):
 
 
 class SemanticEncoder(nn.Module):
-    """CMG `InternalTemporalRelationModule`: Dense(-> model_dim) + post-LN transformer layers."""
+    """CMG `InternalTemporalRelationModule`: Dense(-> model_dim) + post-LN transformer layers.
+
+    `remat` and `scan_layers`: see `CMGModelConfig`.
+    """
 
     model_dim: int
     num_heads: int
@@ -271,14 +299,28 @@ class SemanticEncoder(nn.Module):
     num_layers: int
     dropout: float
     dtype: Dtype | None = None
+    remat: bool = False
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, inputs: Array, *, deterministic: bool) -> Array:
         hidden = Dense(self.model_dim, dtype=self.dtype, name="input_projection")(inputs)
+
+        def apply_layer(layer: nn.Module, hidden: Array) -> Array:
+            return layer(hidden, deterministic=deterministic)
+
+        if self.remat:
+            apply_layer = nn.remat(apply_layer)
+        make_layer = functools.partial(
+            TransformerEncoderLayer, self.num_heads, self.ffn_dim, self.dropout, self.dtype)
+        if self.scan_layers and self.num_layers:
+            scan = nn.scan(lambda layer, carry, _: (apply_layer(layer, carry), None),
+                           variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                           length=self.num_layers)
+            hidden, _ = scan(make_layer(name="layers"), hidden, None)
+            return hidden
         for index in range(self.num_layers):
-            hidden = TransformerEncoderLayer(
-                self.num_heads, self.ffn_dim, self.dropout, self.dtype, name=f"layer_{index}"
-            )(hidden, deterministic=deterministic)
+            hidden = apply_layer(make_layer(name=f"layer_{index}"), hidden)
         return hidden
 
 
@@ -407,7 +449,8 @@ class CMGModel(nn.Module):
         self.video_pooler = {m: VideoSpatialPooler(config.video_pooling, dtype) for m in spatial}
         self.semantic_encoder = {
             m: SemanticEncoder(config.semantic_dim, config.num_heads, config.ffn_dim,
-                               config.num_layers, config.dropout, dtype)
+                               config.num_layers, config.dropout, dtype, config.remat,
+                               config.scan_layers)
             for m in config.modalities
         }
         self.specific_encoder = {m: self._specific_encoder(m) for m in config.modalities}
@@ -430,15 +473,16 @@ class CMGModel(nn.Module):
     def _specific_encoder(self, modality: str) -> nn.Module:
         config = self.config
         if config.is_spatial(modality):
-            return VideoSpecificEncoder(config.video_encoder_channels, config.video_club_dim,
-                                        config.compute_dtype)
+            encoder = nn.remat(VideoSpecificEncoder) if config.remat else VideoSpecificEncoder
+            return encoder(config.video_encoder_channels, config.video_club_dim, config.compute_dtype)
         return FeatureSpecificEncoder(config.specific_dim(modality), config.compute_dtype)
 
     def _decoder(self, modality: str) -> nn.Module:
         config = self.config
         output_dim = config.input_shape(modality)[-1]
         if config.is_spatial(modality):
-            return VideoDecoder(config.video_encoder_channels[0], output_dim, config.compute_dtype)
+            decoder = nn.remat(VideoDecoder) if config.remat else VideoDecoder
+            return decoder(config.video_encoder_channels[0], output_dim, config.compute_dtype)
         return FeatureDecoder(output_dim, config.compute_dtype)
 
     def __call__(
@@ -484,7 +528,7 @@ class CMGModel(nn.Module):
         }
         if self.config.adapter_experts:
             outputs["router_probs"] = router_probs
-        return outputs
+        return as_float32(outputs)
 
     def predict_future(self, sequence: Array, modality: str) -> Array:
         """Cross-CPC predictions [B, T, K, D] of `modality`'s CPC head for an external sequence.
@@ -492,7 +536,7 @@ class CMGModel(nn.Module):
         COMET Pseudo-Modality Replay feeds the pseudo-modality (teacher code vectors standing in for
         the previous stage's partner modality) through that modality's CPC head.
         """
-        return self.cpc[modality](sequence)
+        return as_float32(self.cpc[modality](sequence))
 
     def encode(self, batch: Mapping[str, Array]) -> dict[str, tuple[Array, Array]]:
         """Evaluation encoding: {modality: (codes int32 [B, T], code_vectors [B, T, D])}.
@@ -566,4 +610,4 @@ class CLUBEstimators(nn.Module):
                 mu = MLP(widths, dtype=self.dtype, name=f"mu_{modality}")(x[modality])
                 logvar = MLP(widths, dtype=self.dtype, name=f"logvar_{modality}")(x[modality])
                 outputs[modality] = (mu, jnp.tanh(logvar))
-        return outputs
+        return as_float32(outputs)

@@ -1,0 +1,180 @@
+"""Model-distillation teachers of UniAlign (Eq. 13-15): small per-modality models, features cached.
+
+The paper distils from partial-modal foundation models (ULIP for points, ViT-Lens for depth,
+ONE-PEACE for audio and video), with their features cached offline. Here each teacher is a small
+modality<->text model trained on its own modality only, against the same frozen text anchors the
+student uses (`config.loss.nce_anchor`: captions or class labels):
+
+    teacher_m(x) = normalize(MLP(flatten(x)))          (LayerNorm, two GELU layers of `hidden_dim`)
+    loss         = symmetric InfoNCE(teacher_m(x), anchor(x)), fixed logit scale 1 / temperature,
+                   `teachers.steps` Adam steps on batches of `teachers.batch_size`.
+
+Its features of every training example, in the split's stored order, are cached in
+`<workdir>/<teachers.dir>/<modality>.npz` (`features` float32[N_train, D]; `data_config`, the JSON of
+the dataset they belong to; `test_top1`, the teacher's own zero-shot accuracy on the test split):
+
+    python -m unialign_jax.teachers --config=configs/unialign_digits.py --workdir=workdirs/unialign_digits
+
+`python -m unialign_jax.train` with the same config and workdir then reads them. If they are
+missing, the run trains them first when `teachers.auto_train` is set, and otherwise stops with the
+command above (a teacher of a real run is an external model whose features you cache yourself, in
+the same file layout).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app, flags
+from ml_collections import config_flags
+
+from unialign_jax import anchors as anchors_lib
+from unialign_jax import logs
+from unialign_jax import unialign_config
+from unialign_jax.data import pipeline
+from unialign_jax.eval import zero_shot
+from unialign_jax.logs import logger
+from unialign_jax.losses.contrastive import info_nce, l2_normalize
+
+COMMAND = "python -m unialign_jax.teachers --config=<the run's config> --workdir=<the run's workdir>"
+
+
+class TeacherNet(nn.Module):
+    """flatten -> LayerNorm -> Dense(hidden) -> GELU -> Dense(hidden) -> GELU -> Dense(dim) -> L2 norm."""
+
+    dim: int
+    hidden_dim: int = 256
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nn.LayerNorm()(x.reshape(x.shape[0], -1))
+        x = nn.gelu(nn.Dense(self.hidden_dim)(x))
+        x = nn.gelu(nn.Dense(self.hidden_dim)(x))
+        return l2_normalize(nn.Dense(self.dim)(x))
+
+
+def teacher_dir(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
+    """`teachers.dir`, relative to the workdir unless absolute."""
+    return pathlib.Path(workdir) / config.teachers.dir
+
+
+def _anchors(config, data: dict, label_embeddings: np.ndarray) -> np.ndarray:
+    if config.loss.nce_anchor == "caption":
+        return np.asarray(anchors_lib.pool_text(data[config.model.anchor]))
+    return label_embeddings[data["label"]]
+
+
+def train_teacher(config: ml_collections.ConfigDict, modality: str, label_embeddings: np.ndarray) -> dict:
+    """Trains modality's teacher on its train split; returns {features [N_train, D], test_top1}."""
+    dataset = config.stages[0].data[modality]
+    fields = (modality, config.model.anchor) if config.loss.nce_anchor == "caption" else (modality,)
+    train = pipeline.load_split(dataset, "train", modalities=fields)
+    test = pipeline.load_split(config.eval.data[modality], "test", modalities=(modality,))
+    targets = _anchors(config, train, label_embeddings)
+    teachers = config.teachers
+    net = TeacherNet(int(teachers.dims[modality]), teachers.hidden_dim)
+    rng = jax.random.fold_in(jax.random.key(config.seed), pipeline.MODALITIES.index(modality))
+    params = net.init(rng, jnp.asarray(train[modality][:1]))["params"]
+    tx = optax.adam(teachers.learning_rate)
+    log_scale = -np.log(config.loss.temperature)
+
+    @jax.jit
+    def step(params, opt_state, x, anchors):
+        loss, grads = jax.value_and_grad(lambda p: info_nce(net.apply({"params": p}, x), anchors, log_scale)[0])(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    opt_state = tx.init(params)
+    sampler = np.random.default_rng([config.seed, pipeline.MODALITIES.index(modality)])
+    batch_size = min(teachers.batch_size, len(targets))
+    for _ in range(teachers.steps):
+        rows = sampler.choice(len(targets), batch_size, replace=False)
+        params, opt_state, loss = step(params, opt_state, train[modality][rows], targets[rows])
+    encode = jax.jit(lambda x: net.apply({"params": params}, x))
+    test_top1 = zero_shot.top_k_accuracy(np.asarray(encode(test[modality])), test["label"], label_embeddings, (1,))["top1"]
+    logger.info("[teacher %s] %d steps, final InfoNCE %.3f, zero-shot test top-1 %.1f%%.", modality, teachers.steps,
+                float(loss), 100 * test_top1)
+    return {"features": np.asarray(encode(train[modality]), np.float32), "test_top1": test_top1}
+
+
+def write_teachers(config: ml_collections.ConfigDict, workdir: str) -> dict[str, np.ndarray]:
+    """Trains every teacher of the config and caches its features (module docstring)."""
+    modalities = unialign_config.teacher_modalities(config)
+    if not modalities:
+        raise ValueError("this config has no teachers (config.teachers.modalities, config.loss.terms.model_distil).")
+    label_embeddings = anchors_lib.label_embeddings(config, modalities)
+    directory = teacher_dir(config, workdir)
+    directory.mkdir(parents=True, exist_ok=True)
+    features = {}
+    for modality in modalities:
+        trained = train_teacher(config, modality, label_embeddings[modality])
+        path = directory / f"{modality}.npz"
+        temporary = path.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(temporary, features=trained["features"], test_top1=trained["test_top1"],
+                 data_config=config.stages[0].data[modality].to_json(sort_keys=True))
+        os.replace(temporary, path)
+        features[modality] = trained["features"]
+    logger.info("Teacher features cached in %s.", directory)
+    return features
+
+
+def check_available(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
+    """The teacher modalities without cached features; FileNotFoundError (with the command to run)
+    if there are any and `teachers.auto_train` is off. Call it before a run writes anything."""
+    directory = teacher_dir(config, workdir)
+    missing = [m for m in unialign_config.teacher_modalities(config) if not (directory / f"{m}.npz").is_file()]
+    if missing and not config.teachers.auto_train:
+        raise FileNotFoundError(
+            f"no cached teacher features for {missing} in {directory}: run `{COMMAND}` first, or switch the "
+            "model-distillation term off (arg model_distil=false)."
+        )
+    return missing
+
+
+def load_teachers(config: ml_collections.ConfigDict, workdir: str) -> dict[str, np.ndarray]:
+    """{modality: float32[N_train, D]} cached teacher features of the config's teacher modalities.
+
+    Missing files are trained first when `teachers.auto_train`, else FileNotFoundError with the command.
+    A file made for another dataset or of the wrong feature size raises ValueError.
+    """
+    modalities = unialign_config.teacher_modalities(config)
+    directory = teacher_dir(config, workdir)
+    missing = check_available(config, workdir)
+    if missing:
+        logger.info("No cached teacher features for %s in %s: training them now (as `%s`).", missing, directory, COMMAND)
+        write_teachers(config, workdir)
+    features = {}
+    for modality in modalities:
+        path = directory / f"{modality}.npz"
+        with np.load(path) as stored:
+            expected = config.stages[0].data[modality].to_json(sort_keys=True)
+            if str(stored["data_config"]) != expected:
+                raise ValueError(f"teacher features {path} were made for another dataset; delete them and run `{COMMAND}`.")
+            features[modality] = stored["features"]
+        if features[modality].ndim != 2 or features[modality].shape[1] != config.teachers.dims[modality]:
+            raise ValueError(f"teacher features {path} have shape {features[modality].shape}; config.teachers.dims "
+                             f"says [N, {config.teachers.dims[modality]}].")
+    return features
+
+
+def main(argv):
+    del argv
+    logs.setup()
+    config = flags.FLAGS.config
+    unialign_config.validate(config, pipeline.dataset_modalities)
+    write_teachers(config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    # Defined here, not at import: the trainer imports this module and train.py has its own flags.
+    config_flags.DEFINE_config_file("config", None, "UniAlign config file (configs/unialign_*.py[:args]).")
+    flags.DEFINE_string("workdir", None, "The workdir of the UniAlign run that will read the features.")
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)
