@@ -29,8 +29,8 @@ def multihost_config(data_dir: str):
     config = tiny_cmg_config(data_dir, steps=3)
     config.checkpoint.every = 3
     config.log_every = 3
-    config.mesh = [("data", 2), ("fsdp", 2)]
-    config.sharding_rules = list(parallel.FSDP_RULES)
+    config.mesh = (("data", 2), ("fsdp", 2))
+    config.sharding_rules = parallel.FSDP_RULES
     # Adam would turn the rounding noise of exactly-zero gradients (CPC predictor bias, attention
     # key bias), which differs between shardings, into +-learning-rate steps (test_parallel.py).
     config.optim.eps = 1e-3

@@ -45,8 +45,14 @@ def test_convolutions_as_matmuls_equal_xla_convolutions():
         expected = jax.lax.conv_general_dilated(image, kernel, (1, 1), [(padding, padding)] * 2,
                                                 dimension_numbers=dimensions)
         np.testing.assert_allclose(conv_as_matmul(image, kernel, padding), expected, rtol=1e-5, atol=1e-5)
-    expected = jax.lax.conv_transpose(image, kernel, (1, 1), "VALID", dimension_numbers=dimensions)
-    np.testing.assert_allclose(conv_transpose_as_matmul(image, kernel), expected, rtol=1e-5, atol=1e-5)
+    transposed = functools.partial(jax.lax.conv_transpose, strides=(1, 1), padding="VALID",
+                                   dimension_numbers=dimensions)
+    np.testing.assert_allclose(conv_transpose_as_matmul(image, kernel), transposed(image, kernel), rtol=1e-5,
+                               atol=1e-5)
+    # Its hand-written backward pass (the gather of `_place_taps`) gives the same gradients.
+    loss = lambda f: jax.grad(lambda x, w: jnp.sum(jnp.sin(f(x, w))), argnums=(0, 1))(image, kernel)
+    for ours, theirs in zip(loss(conv_transpose_as_matmul), loss(transposed)):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
 def test_component_of_reads_module_and_direction_from_op_names():
@@ -62,7 +68,7 @@ def test_component_of_reads_module_and_direction_from_op_names():
 def test_benchmark_and_ahead_of_time_compile_report_time_flops_and_memory(monkeypatch):
     monkeypatch.setattr(bench, "measured_matmul_peak", functools.partial(bench.measured_matmul_peak, n=256))
     config = tiny_cmg_config("")
-    config.mesh = [("data", 1)]
+    config.mesh = (("data", 1),)
     result, _, _ = bench.benchmark(config, steps=2, warmup=1, devices=jax.devices()[:1])
     assert result["compile_seconds"] > 0 and result["step_seconds_median"] > 0
     assert result["flops_per_step"] > 0 and 0 < result["utilisation"] < 1
@@ -70,8 +76,8 @@ def test_benchmark_and_ahead_of_time_compile_report_time_flops_and_memory(monkey
     assert result["tokens_per_second"] == pytest.approx(result["examples_per_second"] * 6 * 2)
 
     # Compiled ahead of time for 8 devices with FSDP, each device holds a fraction of the state.
-    config.mesh = [("fsdp", 8)]
-    config.sharding_rules = list(parallel.FSDP_RULES)
+    config.mesh = (("fsdp", 8),)
+    config.sharding_rules = parallel.FSDP_RULES
     sharded = bench.compile_for_topology(config, "cpu:8")
     assert sharded["num_devices"] == 8 and sharded["mesh"] == {"fsdp": 8}
     assert sharded["argument_bytes_per_device"] < 0.5 * result["argument_bytes_per_device"]

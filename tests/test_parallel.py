@@ -124,16 +124,16 @@ def test_rule_table_first_match_fsdp_expert_and_errors():
     "mesh_axes, rules",
     [
         # Data parallel: the batch over 8 devices, every parameter replicated.
-        ([("data", 8)], []),
+        ((("data", 8),), ()),
         # Experts over `expert`, everything else FSDP over `fsdp`, the batch over all three axes.
-        ([("data", 2), ("fsdp", 2), ("expert", 2)], parallel.EXPERT_RULES + parallel.FSDP_RULES),
+        ((("data", 2), ("fsdp", 2), ("expert", 2)), parallel.EXPERT_RULES + parallel.FSDP_RULES),
     ],
     ids=["data", "data+fsdp+expert"],
 )
 def test_sharded_step_matches_one_device(initial_state, one_device_run, mesh_axes, rules):
     reference, reference_losses = one_device_run
     config = _comet_config()
-    config.mesh, config.sharding_rules = mesh_axes, list(rules)
+    config.mesh, config.sharding_rules = mesh_axes, rules
     mesh = parallel.make_mesh(config.mesh)
     state, losses = _train(config, mesh, initial_state)
     np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
@@ -155,8 +155,8 @@ def test_restore_onto_a_different_mesh(initial_state, tmp_path):
     checkpointer.save(1, state, None, {"finished": False})
     checkpointer.wait()
 
-    config.mesh = [("data", 2), ("fsdp", 2), ("expert", 2)]
-    config.sharding_rules = list(parallel.EXPERT_RULES + parallel.FSDP_RULES)
+    config.mesh = (("data", 2), ("fsdp", 2), ("expert", 2))
+    config.sharding_rules = parallel.EXPERT_RULES + parallel.FSDP_RULES
     new_mesh = parallel.make_mesh(config.mesh)
     shardings = trainer.state_shardings(abstract, new_mesh, config.sharding_rules)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)

@@ -13,8 +13,9 @@ Prints one JSON line (and appends it to --output) with:
   while-loop body counted as often as it runs (LSTM time steps, CLUB inner steps). XLA's own
   `cost_analysis()` counts a loop body once; its number is kept as `xla_cost_analysis_flops`.
 - `utilisation`: flops_per_step / step time / peak. The peak is the datasheet dense peak on GPU/TPU
-  (bf16, per chip, times the chips) and on CPU a float32 matmul measured at the start (fake CPU
-  devices share the host's cores, so the host's peak is the peak of all of them together);
+  (bf16, per chip, times the chips) and on CPU a float32 2048x2048 matmul measured before and
+  after the timing, the better of the two (fake CPU devices share the host's cores, so the host's
+  peak is the peak of all of them together);
 - memory per device from XLA's buffer assignment (`memory_bytes_per_device`: arguments + outputs
   + temporaries - donated aliases), the allocator's peak where the device reports one
   (`device_peak_bytes`, GPU/TPU), and the process's peak resident memory (`host_peak_rss_bytes`);
@@ -47,7 +48,6 @@ import os
 import re
 import resource
 import statistics
-import sys
 import tempfile
 import time
 from typing import Any
@@ -60,19 +60,6 @@ from ml_collections import config_flags
 
 from unialign_jax import parallel
 from unialign_jax import trainer
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file (configs/*.py[:args]).", lock_config=True
-)
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
-_STAGE = flags.DEFINE_integer("stage", 0, "Which stage of the config to benchmark.")
-_OUTPUT = flags.DEFINE_string("output", "", "Append the JSON line to this file.")
-_LABEL = flags.DEFINE_string("label", "", "Free-text label stored with the result (e.g. 'remat on').")
-_PROFILE_TOP = flags.DEFINE_integer("profile_top", 0, "Print the N most expensive model components.")
-_AOT_TOPOLOGY = flags.DEFINE_string(
-    "aot_topology", "", "Compile only, for 'cpu:N' or 'tpu:<topology>' (e.g. tpu:v5e:4x4)."
-)
 
 # Dense bf16 peak FLOP/s per chip from vendor datasheets (no sparsity).
 DATASHEET_PEAK_FLOPS = {
@@ -87,8 +74,8 @@ DATASHEET_PEAK_FLOPS = {
 }
 
 
-def measured_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a float32 n x n matmul on the default device (the practical peak on CPU)."""
+def measured_matmul_peak(n: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of the fastest of `repeats` float32 n x n matmuls (the practical peak on CPU)."""
     x = jnp.ones((n, n), jnp.float32)
     matmul = jax.jit(lambda a: a @ a)
     matmul(x).block_until_ready()
@@ -201,7 +188,6 @@ def hlo_flops(hlo_text: str) -> float:
             memo[computation] = own[computation] + sum(n * total(c) for c, n in calls[computation])
         return memo[computation]
 
-    sys.setrecursionlimit(max(sys.getrecursionlimit(), 10_000))
     return total(entry) if entry else 0.0
 
 
@@ -252,10 +238,10 @@ def flop_counts(compiled) -> dict:
     }
 
 
-def _describe(config, stage, mesh) -> dict:
+def _describe(config, stage, mesh, label: str) -> dict:
     model = config.model
     return {
-        "config": config.get("name", ""),
+        "config": config.get("name", ""),  # main() puts the --config argument here
         "size": config.get("size", ""),
         "stage": stage.name,
         "modalities": list(stage.modalities),
@@ -264,17 +250,19 @@ def _describe(config, stage, mesh) -> dict:
         "remat": bool(model.get("remat", False)),
         "scan_layers": bool(model.get("scan_layers", False)),
         "mesh": dict(mesh.shape),
-        "label": _LABEL.value if _LABEL.present else "",
+        "label": label,
     }
 
 
 def benchmark(config, stage_index: int = 0, steps: int = 10, warmup: int = 2,
-              devices: list | None = None) -> tuple[dict, Any, Any]:
+              devices: list | None = None, label: str = "") -> tuple[dict, Any, Any]:
     """Compiles and times one stage's train step on `devices` (default: all).
 
     Returns (measurements, `run(count)` that runs `count` more steps, the compiled step).
     """
     mesh = parallel.make_mesh(config.mesh, devices)
+    devices = list(mesh.devices.flat)
+    peak_before, _ = peak_flops(devices)
     step_fn, abstract_state, abstract_batch, stage = build_step(config, stage_index, mesh)
     init = lambda: trainer.fresh_state(config, stage, jax.random.key(config.seed))
     state = jax.jit(init, out_shardings=jax.tree.map(lambda a: a.sharding, abstract_state))()
@@ -298,13 +286,13 @@ def benchmark(config, stage_index: int = 0, steps: int = 10, warmup: int = 2,
     state, times = run(state, steps)
     load = os.getloadavg()[0]
     median = statistics.median(times)
-    devices = list(mesh.devices.flat)
     peak, peak_source = peak_flops(devices)
+    peak = max(peak, peak_before)  # a busy host lowers a measured peak: keep the better measurement
     flops_per_step = flops["flops_per_device"] * mesh.size
     seq_len = config.model.input_shapes[stage.modalities[0]][0]
     stats = devices[0].memory_stats() or {}
     result = {
-        **_describe(config, stage, mesh),
+        **_describe(config, stage, mesh, label),
         "device": devices[0].device_kind,
         "num_devices": mesh.size,
         "compile_seconds": round(compile_seconds, 2),
@@ -328,7 +316,7 @@ def benchmark(config, stage_index: int = 0, steps: int = 10, warmup: int = 2,
     return result, lambda count: run(state, count), compiled
 
 
-def compile_for_topology(config, topology: str, stage_index: int = 0) -> dict:
+def compile_for_topology(config, topology: str, stage_index: int = 0, label: str = "") -> dict:
     """Compiles the step for `topology` ('cpu:N' or 'tpu:<name>') without running it."""
     platform, _, name = topology.partition(":")
     if platform == "cpu":
@@ -338,7 +326,11 @@ def compile_for_topology(config, topology: str, stage_index: int = 0) -> dict:
     elif platform == "tpu":
         from jax.experimental import topologies
 
-        devices = topologies.get_topology_desc(name, platform="tpu").devices
+        try:
+            devices = topologies.get_topology_desc(name, platform="tpu").devices
+        except RuntimeError as error:
+            raise RuntimeError(f"--aot_topology={topology}: compiling for TPU needs the TPU compiler "
+                               f"(`pip install libtpu`, no TPU needed): {error}") from error
     else:
         raise ValueError(f"--aot_topology={topology!r}: expected 'cpu:N' or 'tpu:<topology name>'.")
     mesh = parallel.make_mesh(config.mesh, devices)
@@ -347,7 +339,7 @@ def compile_for_topology(config, topology: str, stage_index: int = 0) -> dict:
     compiled = step_fn.lower(abstract_state, abstract_batch).compile()
     flops = flop_counts(compiled)
     return {
-        **_describe(config, stage, mesh),
+        **_describe(config, stage, mesh, label),
         "aot_topology": topology,
         "device": devices[0].device_kind,
         "num_devices": len(devices),
@@ -402,22 +394,32 @@ def profile_components(run, hlo_text: str, steps: int) -> list[tuple[str, float]
 
 def main(argv):
     del argv
-    config = _CONFIG.value
-    if _AOT_TOPOLOGY.value:
-        if _AOT_TOPOLOGY.value.startswith("cpu:"):
-            jax.config.update("jax_num_cpu_devices", int(_AOT_TOPOLOGY.value.split(":")[1]))
-        result = compile_for_topology(config, _AOT_TOPOLOGY.value, _STAGE.value)
+    options = flags.FLAGS
+    if options.aot_topology:
+        if options.aot_topology.startswith("cpu:"):
+            jax.config.update("jax_num_cpu_devices", int(options.aot_topology.split(":")[1]))
+        result = compile_for_topology(options.config, options.aot_topology, options.stage, options.label)
     else:
-        result, run, compiled = benchmark(config, _STAGE.value, _STEPS.value, _WARMUP.value)
-        if _PROFILE_TOP.value:
-            components = profile_components(run, compiled.as_text(), _STEPS.value)
-            result["profile_ms_per_step"] = {k: round(v, 1) for k, v in components[: _PROFILE_TOP.value]}
+        result, run, compiled = benchmark(options.config, options.stage, options.steps, options.warmup,
+                                          label=options.label)
+        if options.profile_top:
+            components = profile_components(run, compiled.as_text(), options.steps)
+            result["profile_ms_per_step"] = {k: round(v, 1) for k, v in components[: options.profile_top]}
+    result["config"] = config_flags.get_config_filename(options["config"])
     line = json.dumps(result)
     print(line)
-    if _OUTPUT.value:
-        with open(_OUTPUT.value, "a") as f:
+    if options.output:
+        with open(options.output, "a") as f:
             f.write(line + "\n")
 
 
 if __name__ == "__main__":
+    config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).", lock_config=True)
+    flags.DEFINE_integer("steps", 10, "Timed steps.")
+    flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+    flags.DEFINE_integer("stage", 0, "Which stage of the config to benchmark.")
+    flags.DEFINE_string("output", "", "Append the JSON line to this file.")
+    flags.DEFINE_string("label", "", "Free-text label stored with the result (e.g. 'remat on').")
+    flags.DEFINE_integer("profile_top", 0, "Also profile, and report the N most expensive model components.")
+    flags.DEFINE_string("aot_topology", "", "Compile only, for 'cpu:N' or 'tpu:<topology>' (e.g. tpu:v5e:4x4).")
     app.run(main)

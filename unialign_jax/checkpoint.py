@@ -133,11 +133,13 @@ class StageCheckpointer:
 def write_json_atomic(path: epath.PathLike, payload: Any) -> None:
     """Writes JSON through a temporary file and a rename, so readers never see half a file.
 
-    Only process 0 writes (the path is shared by every process of a multi-host run).
+    Creates the parent directory. Only process 0 writes (every process of a multi-host run sees the
+    same path).
     """
     if jax.process_index() != 0:
         return
     path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f"{path.name}.tmp"
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
     tmp.replace(path)

@@ -230,8 +230,8 @@ def cmg_config(*, size: str, modalities: tuple[str, ...], data: str = "synthetic
     c.seed = 0
     c.size = size
     c.batch_size = 80 if reference else 32
-    c.mesh = [("data", -1)]
-    c.sharding_rules = []
+    c.mesh = (("data", -1),)  # tuples, so that --config.mesh="(('data', 2), ('fsdp', 4))" works
+    c.sharding_rules = ()
     c.frozen_patterns = []
     c.log_every = 50 if reference else 25
     c.checkpoint = dict(every=500 if reference else 200, max_to_keep=2)

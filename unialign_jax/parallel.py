@@ -1,6 +1,6 @@
 """Meshes, sharding rules, multi-host start-up and global batches (DESIGN §7).
 
-Mesh. `config.mesh = [(axis, size), ...]` names the axes, from `MESH_AXES`:
+Mesh. `config.mesh = ((axis, size), ...)` names the axes, from `MESH_AXES`:
 - `data`: data parallelism (the batch is split, everything else replicated);
 - `fsdp`: the batch is split AND the parameters/optimizer state that a rule maps to `fsdp` are
   sharded (ZeRO-3 style: XLA gathers a weight where it is used and reduce-scatters its gradient);
@@ -12,7 +12,7 @@ One size may be -1 (all remaining devices). The axis types are passed explicitly
 (the default of `jax.make_mesh` in jax 0.10) every contraction over a sharded dimension (each FSDP
 matmul) would need an `out_sharding` in the model code.
 
-Sharding rules. `config.sharding_rules = [(regex, spec), ...]`, ordered: a leaf of the sharded tree
+Sharding rules. `config.sharding_rules = ((regex, spec), ...)`, ordered: a leaf of the sharded tree
 (a `TrainState`: paths such as `params/adapter/common/kernel`, `opt_state/1/0/mu/adapter/common/kernel`,
 `quantizer/quantizer/embedding`) takes the spec of the first regex that `re.search`es its '/'-joined
 path; leaves no rule matches are replicated. A spec is
@@ -22,10 +22,15 @@ path; leaves no rule matches are replicated. A spec is
 - `FSDP` ("fsdp"): the largest dimension divisible by the `fsdp` axis size is sharded over it
   (replicated if none is, or if the mesh has no `fsdp` axis).
 `FSDP_RULES` and `EXPERT_RULES` are ready-made tables (`EXPERT_RULES + FSDP_RULES` combines them).
+Both fields are tuples so that the command line can set them, e.g.
+`--config.mesh="(('data', 2), ('fsdp', 4))"`
+`--config.sharding_rules="(('^(params|frozen|opt_state|carry)/', 'fsdp'),)"`.
 
 Multi-host: every process runs the same program; `maybe_initialize_distributed` starts
-`jax.distributed` when the environment asks for it, each process reads its own slice of every batch
-(grain, sharded by process index) and `global_batch` assembles the slices into global arrays.
+`jax.distributed` when the environment asks for it, `put_on_mesh` places a state that every process
+built identically onto a mesh spanning all processes, each process reads its own slice of every
+batch (grain, sharded by process index) and `global_batch` assembles the slices into global arrays.
+Nothing here is specific to a model: the CMG/COMET and UniAlign trainers share it.
 """
 
 from __future__ import annotations
@@ -86,7 +91,7 @@ def maybe_initialize_distributed() -> bool:
 
 
 def make_mesh(mesh_axes: Sequence[tuple[str, int]], devices: Sequence[Any] | None = None) -> Mesh:
-    """A mesh from `[(axis, size), ...]` (one size may be -1) over `devices` (default: all devices).
+    """A mesh from `((axis, size), ...)` (one size may be -1) over `devices` (default: all devices).
 
     Axis types are explicit and all `AxisType.Auto` (module docstring).
     """
