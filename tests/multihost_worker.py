@@ -49,7 +49,6 @@ def initial_state(config, stage):
 def main(workdir: str, data_dir: str) -> None:
     if not parallel.maybe_initialize_distributed():
         raise RuntimeError("multihost_worker.py needs UNIALIGN_COORDINATOR and friends in the environment.")
-    jax.config.update("jax_disable_most_optimizations", True)
     config = multihost_config(data_dir)
     stage = trainer.stage_specs(config)[0]
     mesh = parallel.make_mesh(config.mesh)

@@ -15,15 +15,6 @@ from unialign_jax.nn.layers import conv_as_matmul, conv_transpose_as_matmul
 from tiny import tiny_cmg_config
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-    """Compilation dominates with tiny shapes: skip most XLA optimisations (as Flax's tests do)."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
-
-
 def test_hlo_flops_counts_matmuls_and_convolutions_once_per_loop_iteration():
     def f(x, w, image, kernel):
         y = jax.lax.fori_loop(0, 5, lambda _, y: jnp.tanh(y @ w), x)  # 5 x [8,16]@[16,16]

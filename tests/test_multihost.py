@@ -36,7 +36,7 @@ def _launch(workdir: str, data_dir: str) -> list[subprocess.Popen]:
     for index in range(2):
         env = dict(
             os.environ,
-            XLA_FLAGS="--xla_force_host_platform_device_count=2",
+            XLA_FLAGS="--xla_force_host_platform_device_count=2",  # (conftest's other settings are inherited)
             JAX_PLATFORMS="cpu",
             UNIALIGN_COORDINATOR=f"localhost:{port}",
             UNIALIGN_NUM_PROCESSES="2",
@@ -68,21 +68,16 @@ def _one_device_reference(config):
 
 
 def test_two_processes_train_checkpoint_and_restore(tmp_path):
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
+    config = multihost_config(str(tmp_path / "data"))
+    pipeline.build_source(config.stages[0].data, "train")  # once, before the processes read it
+    workdir = str(tmp_path / "run")
+    processes = _launch(workdir, str(tmp_path / "data"))
     try:
-        config = multihost_config(str(tmp_path / "data"))
-        pipeline.build_source(config.stages[0].data, "train")  # once, before the processes read it
-        workdir = str(tmp_path / "run")
-        processes = _launch(workdir, str(tmp_path / "data"))
-        try:
-            reference = _one_device_reference(config)
-            outputs = [process.communicate(timeout=240)[0] for process in processes]
-        finally:
-            for process in processes:
-                process.kill()
+        reference = _one_device_reference(config)
+        outputs = [process.communicate(timeout=240)[0] for process in processes]
     finally:
-        jax.config.update("jax_disable_most_optimizations", previous)
+        for process in processes:
+            process.kill()
     for index, (process, output) in enumerate(zip(processes, outputs)):
         assert process.returncode == 0 and f"OK {index}" in output, output[-3000:]
 

@@ -15,15 +15,6 @@ from tiny import tiny_cmg_config
 STEPS = 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-    """Compilation dominates with tiny shapes: skip most XLA optimisations (as Flax's tests do)."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
-
-
 def _comet_config():
     """The tiny CMG config with COMET's CMoE-Adapter (4 experts) on audio and text.
 

@@ -162,8 +162,9 @@ def _tree_global_norm(tree) -> jax.Array:
     return optax.tree.norm(tree) if jax.tree.leaves(tree) else jnp.zeros(())
 
 
-class StepFunction:
-    """The jitted train step of one stage, with a trace counter (it must compile once per stage)."""
+class JittedStep:
+    """A stage's train step: one `jax.jit` (state donated, state and batch sharded) of `self._step`,
+    with a trace counter (it must compile once per stage). Subclasses define `_step`."""
 
     def __init__(
         self,
@@ -176,7 +177,6 @@ class StepFunction:
         self.config = config
         self.stage = stage
         self.trace_count = 0
-        self.model, self.club = build_models(config, stage)
         self.tx = optim.make_optimizer(config.optim, abstract_state.params, stage.steps)
         self._jitted = jax.jit(
             self._step,
@@ -190,6 +190,14 @@ class StepFunction:
 
     def lower(self, state, batch):
         return self._jitted.lower(state, batch)
+
+
+class StepFunction(JittedStep):
+    """The CMG/COMET train step (module docstring)."""
+
+    def __init__(self, config, stage, mesh, abstract_state, state_shardings):
+        self.model, self.club = build_models(config, stage)
+        super().__init__(config, stage, mesh, abstract_state, state_shardings)
 
     # -- pieces of the step ---------------------------------------------------------------------------
 

@@ -36,7 +36,6 @@ Terms of L_m (each switch in `config.loss.terms`; tau = `config.loss.temperature
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +46,6 @@ from flax import traverse_util
 
 from unialign_jax import anchors as anchors_lib
 from unialign_jax import optim
-from unialign_jax import parallel
 from unialign_jax import teachers as teachers_lib
 from unialign_jax import unialign_config
 from unialign_jax.data import mixed
@@ -57,6 +55,7 @@ from unialign_jax.losses.contrastive import info_nce, l2_normalize
 from unialign_jax.nn import weights as weights_lib
 from unialign_jax.nn.transformer import TransformerConfig
 from unialign_jax.nn.unialign import UniAlignModel, pretrained_bert_params
+from unialign_jax import trainer
 from unialign_jax.trainer import StageSpec, TrainState
 
 
@@ -205,36 +204,14 @@ def _add(a, b):
     return jax.tree.map(jnp.add, a, b)
 
 
-class UniAlignStep:
-    """The jitted UniAlign train step of a stage (module docstring), with a trace counter."""
+class UniAlignStep(trainer.JittedStep):
+    """The jitted UniAlign train step of a stage (module docstring)."""
 
-    def __init__(
-        self,
-        config: ml_collections.ConfigDict,
-        stage: StageSpec,
-        mesh: jax.sharding.Mesh,
-        abstract_state: TrainState,
-        state_shardings: Any,
-    ):
-        self.config = config
-        self.stage = stage
-        self.trace_count = 0
+    def __init__(self, config, stage, mesh, abstract_state, state_shardings):
         self.model = build_model(config)
         self.modalities = unialign_config.encoded_modalities(config)
         self.teacher_modalities = unialign_config.teacher_modalities(config)
-        self.tx = optim.make_optimizer(config.optim, abstract_state.params, stage.steps)
-        self._jitted = jax.jit(
-            self._step,
-            donate_argnums=(0,),
-            in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
-            out_shardings=(state_shardings, parallel.replicated(mesh)),
-        )
-
-    def __call__(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        return self._jitted(state, batch)
-
-    def lower(self, state, batch):
-        return self._jitted.lower(state, batch)
+        super().__init__(config, stage, mesh, abstract_state, state_shardings)
 
     def modality_loss(
         self, params: dict, state: TrainState, micro_batch: dict[str, jax.Array], modality: str

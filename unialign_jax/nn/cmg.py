@@ -95,8 +95,10 @@ class CMGModelConfig:
     * `dtype`: compute dtype; parameters stay float32 (the master weights) and are cast for each
       use, so "bfloat16" is bf16 compute with float32 master weights. bf16/fp16 outputs leave
       the model in float32, so the losses are computed in float32.
-    * `remat`: rematerialise activations: the transformer layers and the video encoder and decoder
-      keep only their inputs for the backward pass and recompute the rest there.
+    * `remat`: rematerialise activations: each transformer layer keeps only its input for the
+      backward pass and recomputes the rest there. The video encoder and decoder are not
+      rematerialised: their peak memory is the backward pass's own im2col buffers (9x a conv's
+      input), which recomputing the forward pass does not remove (measured; see bench.py).
     * `scan_layers`: the semantic encoders' transformer layers run as one `nn.scan` over stacked
       parameters (`semantic_encoder_{m}/layers/...`, leading axis = layer) instead of unrolled
       `layer_{i}` modules: one compiled layer body however deep the stack. Another parameter
@@ -473,16 +475,15 @@ class CMGModel(nn.Module):
     def _specific_encoder(self, modality: str) -> nn.Module:
         config = self.config
         if config.is_spatial(modality):
-            encoder = nn.remat(VideoSpecificEncoder) if config.remat else VideoSpecificEncoder
-            return encoder(config.video_encoder_channels, config.video_club_dim, config.compute_dtype)
+            return VideoSpecificEncoder(config.video_encoder_channels, config.video_club_dim,
+                                        config.compute_dtype)
         return FeatureSpecificEncoder(config.specific_dim(modality), config.compute_dtype)
 
     def _decoder(self, modality: str) -> nn.Module:
         config = self.config
         output_dim = config.input_shape(modality)[-1]
         if config.is_spatial(modality):
-            decoder = nn.remat(VideoDecoder) if config.remat else VideoDecoder
-            return decoder(config.video_encoder_channels[0], output_dim, config.compute_dtype)
+            return VideoDecoder(config.video_encoder_channels[0], output_dim, config.compute_dtype)
         return FeatureDecoder(output_dim, config.compute_dtype)
 
     def __call__(

@@ -91,13 +91,14 @@ def conv_as_matmul(inputs: Array, kernel: Array, padding: int) -> Array:
 def _place_taps(taps: Array) -> Array:
     """[N, H, W, k, k, O] per-tap products -> [N, H + k - 1, W + k - 1, O]: tap (a, b) of input
     position (i, j) is added at output position (i + k - 1 - a, j + k - 1 - b)."""
-    _, height, width, kernel_height, kernel_width, _ = taps.shape
-    outputs = None
+    batch, height, width, kernel_height, kernel_width, features = taps.shape
+    # Accumulated in place into one buffer (k*k zero-padded copies would all be live at once).
+    outputs = jnp.zeros((batch, height + kernel_height - 1, width + kernel_width - 1, features), taps.dtype)
     for a in range(kernel_height):
         for b in range(kernel_width):
-            shifted = jnp.pad(taps[:, :, :, a, b], (
-                (0, 0), (kernel_height - 1 - a, a), (kernel_width - 1 - b, b), (0, 0)))
-            outputs = shifted if outputs is None else outputs + shifted
+            start = (0, kernel_height - 1 - a, kernel_width - 1 - b, 0)
+            window = jax.lax.dynamic_slice(outputs, start, (batch, height, width, features))
+            outputs = jax.lax.dynamic_update_slice(outputs, window + taps[:, :, :, a, b], start)
     return outputs
 
 
