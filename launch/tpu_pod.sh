@@ -183,7 +183,7 @@ run gcloud compute tpus tpu-vm scp "$tarball" "$NAME:unialign_jax.tar.gz" --work
 # --- 3. Install on every worker: fresh code dir, persistent venv. ----------------
 # Paths on the workers, double-quoted there; `$HOME` is expanded by the worker's shell.
 # shellcheck disable=SC2016
-code_dir='"$HOME/unialign_jax"' venv_dir='"$HOME/unialign_venv"'
+code_dir='"$HOME/unialign_jax"' venv_dir='"$HOME/unialign_venv"' package='"$HOME/unialign_jax[gcs]"'
 python_q=$(quote "$PYTHON")
 setup="set -e"
 setup+="; if ! command -v $python_q >/dev/null; then"
@@ -191,7 +191,7 @@ setup+=" sudo apt-get -o DPkg::Lock::Timeout=600 update"
 setup+=" && sudo apt-get -o DPkg::Lock::Timeout=600 install -y $python_q $(quote "$PYTHON-venv"); fi"
 setup+="; rm -rf $code_dir; mkdir -p $code_dir; tar -xzf unialign_jax.tar.gz -C $code_dir"
 setup+="; $python_q -m venv $venv_dir; $venv_dir/bin/pip install --quiet --upgrade pip"
-setup+="; $venv_dir/bin/pip install --quiet -e $code_dir $(quote "jax[tpu]==$jax_version")"
+setup+="; $venv_dir/bin/pip install --quiet -e $package $(quote "jax[tpu]==$jax_version")"
 setup+=" -f https://storage.googleapis.com/jax-releases/libtpu_releases.html"
 run gcloud compute tpus tpu-vm ssh "$NAME" --worker=all "${gcloud_flags[@]}" --command="$setup"
 

@@ -195,6 +195,8 @@ def test_data_dir_resolution(monkeypatch, tmp_path):
     assert pipeline.resolve_data_dir(small_config("")) == str(tmp_path / "env")
     monkeypatch.delenv("UNIALIGN_DATA_DIR")
     assert pipeline.resolve_data_dir(small_config(None)).endswith("/.cache/unialign_jax/tfds")
+    with pytest.raises(ValueError, match="is a URI; datasets are read from a local or mounted directory"):
+        pipeline.resolve_data_dir(small_config("gs://bucket/tfds"))
 
 
 @pytest.mark.parametrize(

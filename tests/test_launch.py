@@ -136,7 +136,7 @@ def test_tpu_pod_dry_run_prints_every_step(tmp_path):
     subprocess.run(["bash", "-n", "-c", install], check=True, timeout=30)
     assert f"'jax[tpu]=={_jax_pin()}'" in install
     assert "-f https://storage.googleapis.com/jax-releases/libtpu_releases.html" in install
-    assert '-e "$HOME/unialign_jax"' in install
+    assert '-e "$HOME/unialign_jax[gcs]"' in install  # gcsfs for the gs:// workdir
 
     assert _run_on_fake_worker(_flag(train, "command"), tmp_path) == [
         str(tmp_path / "worker_home" / "unialign_jax"),

@@ -18,7 +18,6 @@ shardings of the target it is given, which may come from a different mesh than t
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Any
 
 import grain
@@ -128,21 +127,6 @@ class StageCheckpointer:
 
     def close(self) -> None:
         self._manager.close()
-
-
-def write_json_atomic(path: epath.PathLike, payload: Any) -> None:
-    """Writes JSON through a temporary file and a rename, so readers never see half a file.
-
-    Creates the parent directory. Only process 0 writes (every process of a multi-host run sees the
-    same path).
-    """
-    if jax.process_index() != 0:
-        return
-    path = epath.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f"{path.name}.tmp"
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    tmp.replace(path)
 
 
 def save_tree(directory: epath.PathLike, tree: Any) -> None:

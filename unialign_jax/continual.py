@@ -23,14 +23,13 @@ The optimizer state restarts.
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-from unialign_jax.logs import logger
+from etils import epath
 from flax import traverse_util
 
 from unialign_jax import checkpoint as ckpt_lib
@@ -38,6 +37,7 @@ from unialign_jax import optim
 from unialign_jax import parallel
 from unialign_jax import trainer
 from unialign_jax.data import pipeline
+from unialign_jax.logs import logger
 from unialign_jax.nn import quantizer as quantizer_lib
 
 ARTIFACTS_FOLDER = "continual"
@@ -94,8 +94,8 @@ def finish_stage(config: ml_collections.ConfigDict, stage: trainer.StageSpec, st
     last_stage = stage.index == len(config.stages) - 1
     if not config.continual.ewc or last_stage:
         return
-    directory = os.path.join(workdir, stage.folder, ARTIFACTS_FOLDER)
-    if os.path.isdir(directory):
+    directory = epath.Path(workdir) / stage.folder / ARTIFACTS_FOLDER
+    if directory.is_dir():
         return
     logger.info("[%s] estimating the Fisher information on %d batches.", stage.name,
                  config.continual.fisher_batches)
@@ -146,7 +146,7 @@ def next_stage_state(config: ml_collections.ConfigDict, stage: trainer.StageSpec
                      ) -> trainer.TrainState:
     """The starting state of stage s > 1 from stage s-1's final checkpoint (module docstring)."""
     previous_stage = trainer.stage_specs(config)[stage.index - 1]
-    previous_dir = os.path.join(workdir, previous_stage.folder)
+    previous_dir = epath.Path(workdir) / previous_stage.folder
     checkpointer = ckpt_lib.StageCheckpointer(previous_dir)
     previous, meta = checkpointer.restore_state()
     checkpointer.close()
@@ -172,7 +172,7 @@ def next_stage_state(config: ml_collections.ConfigDict, stage: trainer.StageSpec
         carry["teacher"] = {"embedding": jnp.asarray(old_codebook["embedding"]),
                             "active_count": jnp.asarray(old_codebook["active_count"])}
     if config.continual.ewc:
-        saved = ckpt_lib.load_tree(os.path.join(previous_dir, ARTIFACTS_FOLDER))
+        saved = ckpt_lib.load_tree(previous_dir / ARTIFACTS_FOLDER)
         trainable = optim.split_params(params, trainer.frozen_patterns(config, stage))[1]
         keep = [rf"^{re.escape(p)}$" for p in traverse_util.flatten_dict(trainable, sep="/")]
         carry["ewc"] = {"fisher": _select(saved["fisher"], keep), "anchor": _select(saved["anchor"], keep)}

@@ -18,24 +18,23 @@ earlier pair's score now minus its score right after the stage that first evalua
 from __future__ import annotations
 
 import functools
-import json
-import os
 
 import jax
 import ml_collections
 import numpy as np
 from absl import app, flags
-
-from unialign_jax import logs
-from unialign_jax.logs import logger
+from etils import epath
 
 from unialign_jax import checkpoint as ckpt_lib
 from unialign_jax import eval as eval_lib
+from unialign_jax import files
+from unialign_jax import logs
 from unialign_jax import optim
 from unialign_jax import report
 from unialign_jax import trainer
 from unialign_jax import unialign_evaluate
 from unialign_jax.data import pipeline
+from unialign_jax.logs import logger
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _encode_batch(model, with_routing: bool, variables: dict, batch: dict):
@@ -113,8 +112,8 @@ def evaluate_stage(config: ml_collections.ConfigDict, stage: trainer.StageSpec, 
                 learned_at.setdefault(key, index)
     result["metrics"].update(eval_lib.forgetting([s["metrics"] for s in stages], learned_at))
 
-    results_dir = os.path.join(workdir, "results")
-    report.plot_code_usage(os.path.join(results_dir, f"code_usage_{stage.folder}.png"),
+    results_dir = epath.Path(workdir) / "results"
+    report.plot_code_usage(results_dir / f"code_usage_{stage.folder}.png",
                            eval_lib.code_usage_counts(test_codes, active, modalities), modalities)
     report.write_summary(results_dir, stages)
     return result
@@ -139,14 +138,13 @@ def config_from_json(value):
 
 def evaluate_workdir(workdir: str) -> list[dict]:
     """Re-evaluates every finished stage of a workdir from its checkpoints and config.json."""
-    config_path = os.path.join(workdir, "config.json")
-    if not os.path.exists(config_path):
+    config_path = epath.Path(workdir) / "config.json"
+    if not config_path.exists():
         raise FileNotFoundError(f"{config_path} not found: is {workdir} a unialign_jax.train workdir?")
-    with open(config_path) as f:
-        config = config_from_json(json.load(f))
+    config = config_from_json(files.read_json(config_path))
     history: list[dict] = []
     for stage in trainer.stage_specs(config):
-        checkpointer = ckpt_lib.StageCheckpointer(os.path.join(workdir, stage.folder))
+        checkpointer = ckpt_lib.StageCheckpointer(epath.Path(workdir) / stage.folder)
         meta = checkpointer.read_meta()
         if meta is None or not meta["finished"]:
             logger.info("Stage %s is not finished; stopping here.", stage.name)

@@ -4,25 +4,25 @@
 produced by `unialign_jax.eval`, rates as fractions in [0, 1]) and `summary.md` (per stage: a table
 of modality pairs marked seen/unseen, then codebook, routing, forgetting and any other metrics; rates
 printed as percentages). Every file is written to a temporary file beside it and renamed into place,
-so a crash never leaves a half-written result.
+so a crash never leaves a half-written result; only process 0 writes, and `gs://` paths work
+(`unialign_jax.files`).
 """
 
 from __future__ import annotations
 
-import contextlib
+import io
 import json
 import math
-import os
 import re
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 
 import numpy as np
+from etils import epath
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from unialign_jax import files
 from unialign_jax.eval.cross_modal import pair_status
 
 _PAIR_METRIC = re.compile(r"^(classification|localisation)/(\w+)->(\w+)$|^retrieval/(\w+)->(\w+)/R@(\d+)$")
@@ -101,24 +101,6 @@ def pair_rows(
 
 # ---------------------------------------------------------------------------------------------------
 # Summary files.
-
-
-@contextlib.contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """Yields a temporary path beside `path`; renames it onto `path` only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        yield Path(temporary)
-        os.replace(temporary, path)
-    finally:
-        Path(temporary).unlink(missing_ok=True)
-
-
-def _write_text(path: Path, text: str) -> None:
-    with _atomic_path(path) as temporary:
-        temporary.write_text(text, encoding="utf-8")
 
 
 def _json_number(key: str, value: object) -> float | int | None:
@@ -200,7 +182,8 @@ def _stage_markdown(index: int, stage: Mapping[str, object], trained_modalities:
     return "\n".join(lines)
 
 
-def write_summary(results_dir: str | os.PathLike, stages: Sequence[Mapping[str, object]]) -> tuple[Path, Path]:
+def write_summary(results_dir: epath.PathLike, stages: Sequence[Mapping[str, object]]
+                  ) -> tuple[epath.Path, epath.Path]:
     """Writes `summary.json` and `summary.md` for all stages so far into `results_dir`.
 
     stages: [{'name': str, 'modalities': [str] (the modalities trained in that stage), 'metrics':
@@ -217,11 +200,9 @@ def write_summary(results_dir: str | os.PathLike, stages: Sequence[Mapping[str, 
     ]
     preamble = ["# Results", "", "Rates in %; seen = trained together in some stage so far.", ""]
     summary_md = "\n".join(preamble + sections)
-    results_dir = Path(results_dir)
-    json_path, md_path = results_dir / "summary.json", results_dir / "summary.md"
-    _write_text(json_path, summary_json)
-    _write_text(md_path, summary_md)
-    return json_path, md_path
+    results_dir = epath.Path(results_dir)
+    return (files.write_atomic(results_dir / "summary.json", summary_json),
+            files.write_atomic(results_dir / "summary.md", summary_md))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -231,8 +212,8 @@ _SHARING_COLOURS = ("black", "tab:blue", "tab:green", "tab:red")  # dead, 1, 2, 
 
 
 def plot_code_usage(
-    path: str | os.PathLike, usage_matrix: np.ndarray, modalities: Sequence[str], *, min_count: int = 1
-) -> Path:
+    path: epath.PathLike, usage_matrix: np.ndarray, modalities: Sequence[str], *, min_count: int = 1
+) -> epath.Path:
     """Saves a PNG of codebook usage by modality, in the manner of COMET Fig. 3.
 
     usage_matrix: int[K, len(modalities)] selection counts (`eval.code_usage_counts`). Top: heat map
@@ -268,10 +249,9 @@ def plot_code_usage(
         ncol=4,
         frameon=False,
     )
-    path = Path(path)
-    with _atomic_path(path) as temporary:
-        figure.savefig(temporary, format="png", dpi=120)
-    return path
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=120)
+    return files.write_atomic(path, png.getvalue())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -297,11 +277,11 @@ def final_stage_scores(summary: Mapping[str, object]) -> dict[str, float]:
     return {name: float(np.mean(values)) if values else math.nan for name, values in groups.items()}
 
 
-def compare_runs(runs: Mapping[str, Sequence[str | os.PathLike]]) -> str:
+def compare_runs(runs: Mapping[str, Sequence[epath.PathLike]]) -> str:
     """Markdown table: per method, mean ± std over its workdirs (seeds) of `final_stage_scores`."""
     rows = []
     for method, workdirs in runs.items():
-        scores = [final_stage_scores(json.loads((Path(w) / "results" / "summary.json").read_text()))
+        scores = [final_stage_scores(files.read_json(epath.Path(w) / "results" / "summary.json"))
                   for w in workdirs]
         row: dict[str, object] = {"method": method, "runs": len(scores)}
         for name, column in (("unseen", "unseen pairs %"), ("seen", "seen pairs %"),

@@ -13,19 +13,17 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 
 import ml_collections
 from absl import app, flags
-
-from unialign_jax import logs
-from unialign_jax.logs import logger
+from etils import epath
 from ml_collections import config_flags
 
-from unialign_jax import checkpoint as ckpt_lib
 from unialign_jax import configlib
 from unialign_jax import continual
 from unialign_jax import evaluate
+from unialign_jax import files
+from unialign_jax import logs
 from unialign_jax import parallel
 from unialign_jax import teachers
 from unialign_jax import trainer
@@ -33,23 +31,26 @@ from unialign_jax import unialign_config
 from unialign_jax import unialign_evaluate
 from unialign_jax import unialign_trainer
 from unialign_jax.data import pipeline
+from unialign_jax.logs import logger
+
 
 def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """Refuses to resume a workdir that was started with a different config (nothing is overwritten)."""
-    path = os.path.join(workdir, "config.json")
+    """Refuses to resume a workdir that was started with a different config (nothing is overwritten).
+
+    `workdir` may be local or an object store (`gs://...`); process 0 writes `config.json`.
+    """
+    path = epath.Path(workdir) / "config.json"
     resolved = json.loads(config.to_json_best_effort(sort_keys=True))
-    if os.path.exists(path):
-        with open(path) as f:
-            previous = json.load(f)
-        if previous != resolved:
-            changed = sorted(k for k in set(previous) | set(resolved) if previous.get(k) != resolved.get(k))
-            raise ValueError(
-                f"{workdir} was started with a different config (top-level fields differ: {changed}); "
-                "use a new --workdir or the original config."
-            )
-    else:
-        os.makedirs(workdir, exist_ok=True)
-        ckpt_lib.write_json_atomic(path, resolved)
+    if not path.exists():
+        files.write_json_atomic(path, resolved)
+        return
+    previous = files.read_json(path)
+    if previous != resolved:
+        changed = sorted(k for k in set(previous) | set(resolved) if previous.get(k) != resolved.get(k))
+        raise ValueError(
+            f"{workdir} was started with a different config (top-level fields differ: {changed}); "
+            "use a new --workdir or the original config."
+        )
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from typing import Any, Callable
 
@@ -25,12 +24,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from unialign_jax.logs import logger
+from etils import epath
 
 from unialign_jax import checkpoint as ckpt_lib
+from unialign_jax import files
 from unialign_jax import optim
 from unialign_jax import parallel
 from unialign_jax.data import pipeline
+from unialign_jax.logs import logger
 from unialign_jax.losses import cmg as cmg_losses
 from unialign_jax.losses import continual as continual_losses
 from unialign_jax.losses.objective import cmg_objective
@@ -348,10 +349,10 @@ def state_shardings(abstract_state: TrainState, mesh, rules) -> Any:
 
 
 class ProgressLog:
-    """Console progress (step, losses, steps/s, ETA) and `metrics.jsonl` in the workdir."""
+    """Console progress (step, losses, steps/s, ETA) and `metrics.jsonl` in the workdir (process 0)."""
 
     def __init__(self, workdir: str, stage: StageSpec, first_step: int):
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = epath.Path(workdir) / "metrics.jsonl"
         self.stage = stage
         self.first_step = first_step
         self.start = time.perf_counter()
@@ -377,11 +378,8 @@ class ProgressLog:
             rate,
             _format_seconds(eta),
         )
-        with open(self.path, "a") as f:
-            f.write(
-                json.dumps({"stage": self.stage.name, "step": step, "steps_per_second": rate, **scalars})
-                + "\n"
-            )
+        record = {"stage": self.stage.name, "step": step, "steps_per_second": rate, **scalars}
+        files.append_text(self.path, json.dumps(record) + "\n")
 
 
 def _format_seconds(seconds: float) -> str:
@@ -445,7 +443,7 @@ def train_stage(
         state (default: `cmg_train_iterator`).
     """
     checkpointer = ckpt_lib.StageCheckpointer(
-        os.path.join(workdir, stage.folder), max_to_keep=config.checkpoint.max_to_keep
+        epath.Path(workdir) / stage.folder, max_to_keep=config.checkpoint.max_to_keep
     )
     state = initial_state()
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)

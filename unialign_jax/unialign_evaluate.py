@@ -19,15 +19,15 @@ metrics above) and `summary.md` (readable tables), each written atomically.
 from __future__ import annotations
 
 import json
-import os
-import pathlib
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
 from unialign_jax import anchors as anchors_lib
 from unialign_jax import eval as eval_lib
+from unialign_jax import files
 from unialign_jax import optim
 from unialign_jax import report
 from unialign_jax import unialign_config
@@ -90,7 +90,7 @@ def evaluate_stage(config: ml_collections.ConfigDict, stage: StageSpec, state: T
     ))
     metrics.update(eval_lib.routing_load(routing, encoded))
     result = {"name": stage.name, "modalities": list(stage.modalities), "metrics": metrics}
-    write_results(config, result, os.path.join(workdir, "results"))
+    write_results(config, result, epath.Path(workdir) / "results")
     return result
 
 
@@ -145,13 +145,9 @@ def results_markdown(config: ml_collections.ConfigDict, result: dict) -> str:
     ])
 
 
-def write_results(config: ml_collections.ConfigDict, result: dict, results_dir: str) -> None:
-    """`summary.json` ({"stages": [result]}) and `summary.md`, each through a temporary file and a rename."""
-    directory = pathlib.Path(results_dir)
-    directory.mkdir(parents=True, exist_ok=True)
+def write_results(config: ml_collections.ConfigDict, result: dict, results_dir: epath.PathLike) -> None:
+    """`summary.json` ({"stages": [result]}) and `summary.md`, each written atomically (`files`)."""
+    directory = epath.Path(results_dir)
     payload = {"stages": [{**result, "metrics": {k: float(v) for k, v in result["metrics"].items()}}]}
-    for name, text in (("summary.json", json.dumps(payload, indent=2) + "\n"),
-                       ("summary.md", results_markdown(config, result))):
-        temporary = directory / f".{name}.{os.getpid()}.tmp"
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, directory / name)
+    files.write_atomic(directory / "summary.json", json.dumps(payload, indent=2) + "\n")
+    files.write_atomic(directory / "summary.md", results_markdown(config, result))

@@ -76,9 +76,19 @@ DATA_DIR_ENV = "UNIALIGN_DATA_DIR"
 
 
 def resolve_data_dir(data_config: ml_collections.ConfigDict) -> str:
-    """`data_config.data_dir`, else $UNIALIGN_DATA_DIR, else ~/.cache/unialign_jax/tfds (expanded)."""
-    data_dir = data_config.get("data_dir") or os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR
-    return os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
+    """`data_config.data_dir`, else $UNIALIGN_DATA_DIR, else ~/.cache/unialign_jax/tfds (expanded).
+
+    A local (or mounted) directory: ArrayRecord files are read with local file I/O, so a bucket is
+    read through a mount (e.g. gcsfuse), not a `gs://` URI.
+    """
+    data_dir = os.fspath(data_config.get("data_dir") or os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR)
+    if "://" in data_dir:
+        raise ValueError(
+            f"data_dir {data_dir!r} is a URI; datasets are read from a local or mounted directory "
+            "(mount the bucket, e.g. `gcsfuse --implicit-dirs BUCKET /mnt/BUCKET`, and use /mnt/BUCKET/...). "
+            "Workdirs, unlike data dirs, may be gs:// paths."
+        )
+    return os.path.abspath(os.path.expanduser(data_dir))
 
 
 def make_builder(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
