@@ -13,6 +13,7 @@ from unialign_jax.nn.cmg import CMGModel, CMGModelConfig
 from unialign_jax.nn.layers import conv_as_matmul, conv_transpose_as_matmul
 
 from tiny import tiny_cmg_config
+from tiny_unialign import tiny_unialign_config
 
 
 def test_hlo_flops_counts_matmuls_and_convolutions_once_per_loop_iteration():
@@ -74,6 +75,17 @@ def test_benchmark_and_ahead_of_time_compile_report_time_flops_and_memory(monkey
     assert sharded["argument_bytes_per_device"] < 0.5 * result["argument_bytes_per_device"]
     with pytest.raises(ValueError, match="expected 'cpu:N' or 'tpu:"):
         bench.compile_for_topology(config, "gpu:8")
+
+
+def test_benchmark_times_the_unialign_step_and_counts_its_tokens(monkeypatch):
+    monkeypatch.setattr(bench, "measured_matmul_peak", functools.partial(bench.measured_matmul_peak, n=256))
+    config = tiny_unialign_config("")
+    config.mesh = (("data", 1),)
+    result, _, _ = bench.benchmark(config, steps=1, warmup=1, devices=jax.devices()[:1])
+    assert result["modalities"] == ["image", "audio", "text"] and result["flops_per_step"] > 0
+    # 16 image and 16 audio rows of 4 tokens each (feature tokenizers: one token per time step).
+    assert result["tokens_per_second"] == pytest.approx(128 / result["step_seconds_median"])
+    assert result["examples_per_second"] == pytest.approx(32 / result["step_seconds_median"])
 
 
 def _tiny_model_config(**options):

@@ -11,6 +11,7 @@ from unialign_jax import parallel
 from unialign_jax import trainer
 
 from tiny import tiny_cmg_config
+from tiny_unialign import tiny_unialign_config
 
 STEPS = 2
 
@@ -58,13 +59,15 @@ def _on_mesh(host_state, mesh, rules):
 
 
 def _train(config, mesh, host_state):
-    """(final state, per-step total losses) of STEPS steps on fixed random batches, on `mesh`."""
+    """(final state, per-step total losses) of STEPS steps of the config's method on fixed random
+    batches, on `mesh`."""
     stage = trainer.stage_specs(config)[0]
+    _, step_class, host_batch = bench.step_parts(config, stage)
     state, abstract, shardings = _on_mesh(host_state, mesh, config.sharding_rules)
-    step_fn = trainer.StepFunction(config, stage, mesh, abstract, shardings)
+    step_fn = step_class(config, stage, mesh, abstract, shardings)
     losses = []
     for index in range(STEPS):
-        batch = parallel.global_batch(bench.random_batch(config, stage.modalities, config.batch_size, index), mesh)
+        batch = parallel.global_batch(host_batch(index), mesh)
         state, metrics = step_fn(state, batch)
         losses.append(float(metrics["loss/total"]))
     return state, losses
@@ -111,7 +114,7 @@ def test_rule_table_first_match_fsdp_expert_and_errors():
         parallel.tree_shardings(tree, mesh, [("kernel", ("tensor",))])
 
 
-@pytest.mark.parametrize(
+SHARDINGS = pytest.mark.parametrize(
     "mesh_axes, rules",
     [
         # Data parallel: the batch over 8 devices, every parameter replicated.
@@ -121,6 +124,9 @@ def test_rule_table_first_match_fsdp_expert_and_errors():
     ],
     ids=["data", "data+fsdp+expert"],
 )
+
+
+@SHARDINGS
 def test_sharded_step_matches_one_device(initial_state, one_device_run, mesh_axes, rules):
     reference, reference_losses = one_device_run
     config = _comet_config()
@@ -159,3 +165,36 @@ def test_restore_onto_a_different_mesh(initial_state, tmp_path):
     for ours, theirs in zip(_numpy_leaves(restored), _numpy_leaves(state)):
         np.testing.assert_array_equal(ours, theirs)
     assert restored.params["adapter"]["common"]["kernel"].sharding.spec == P("expert")
+
+
+def _unialign_config():
+    """The tiny UniAlign config (2 MoE-LoRA experts per modality, every loss term on)."""
+    return tiny_unialign_config("")
+
+
+@pytest.fixture(scope="module")
+def unialign_initial_state():
+    config = _unialign_config()
+    init, _, _ = bench.step_parts(config, trainer.stage_specs(config)[0])
+    with jax.default_device(jax.devices()[0]):
+        state = init(jax.random.key(0, impl="rbg"))
+        return jax.device_get(state.replace(rng=jax.random.key_data(jax.random.key(1))))
+
+
+@pytest.fixture(scope="module")
+def unialign_one_device_run(unialign_initial_state):
+    return _train(_unialign_config(), parallel.make_mesh([("data", 1)], jax.devices()[:1]), unialign_initial_state)
+
+
+@SHARDINGS
+def test_sharded_unialign_step_matches_one_device(unialign_initial_state, unialign_one_device_run, mesh_axes, rules):
+    reference, reference_losses = unialign_one_device_run
+    config = _unialign_config()
+    config.mesh, config.sharding_rules = mesh_axes, rules
+    mesh = parallel.make_mesh(config.mesh)
+    state, losses = _train(config, mesh, unialign_initial_state)
+    np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
+    for ours, theirs in zip(_numpy_leaves(state), _numpy_leaves(reference)):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+    lora = state.params["backbone"]["encoder"]["layer_0"]["mlp"]["fc1_adapter"]["experts"]["lora_a"]
+    assert lora.sharding.spec == (P(None, "expert") if rules else P())

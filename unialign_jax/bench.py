@@ -58,8 +58,12 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from unialign_jax import optim
 from unialign_jax import parallel
 from unialign_jax import trainer
+from unialign_jax import unialign_config
+from unialign_jax import unialign_trainer
+from unialign_jax.losses.contrastive import l2_normalize
 
 # Dense bf16 peak FLOP/s per chip from vendor datasheets (no sparsity).
 DATASHEET_PEAK_FLOPS = {
@@ -194,20 +198,57 @@ def hlo_flops(hlo_text: str) -> float:
 # -- the step ---------------------------------------------------------------------------------------
 
 
-def build_step(config, stage_index: int, mesh) -> tuple[trainer.StepFunction, Any, Any, Any]:
+BENCH_CLASSES = 10  # UniAlign: classes of the random labels and class-label embeddings
+
+
+def step_parts(config, stage) -> tuple[Any, type, Any]:
+    """(key -> initial state with random weights, step class, seed -> host batch) of a config's method."""
+    if config.get("method", "cmg") != "unialign":
+        return (lambda key: trainer.fresh_state(config, stage, key), trainer.StepFunction,
+                lambda seed: random_batch(config, stage.modalities, config.batch_size, seed))
+    anchor_dim = config.model.input_shapes[config.model.anchor][-1]
+
+    def init(key):
+        init_key, label_key, state_key = jax.random.split(key, 3)
+        params = unialign_trainer.init_params(config, init_key)
+        labels = {m: l2_normalize(jax.random.normal(jax.random.fold_in(label_key, i), (BENCH_CLASSES, anchor_dim)))
+                  for i, m in enumerate(unialign_config.encoded_modalities(config))}
+        return unialign_trainer.initial_state(config, stage, params, labels, state_key)
+
+    return (init, unialign_trainer.UniAlignStep,
+            lambda seed: unialign_trainer.random_batch(config, BENCH_CLASSES, seed))
+
+
+def tokens_per_step(config, stage, abstract_state) -> int:
+    """Tokens the step encodes: CMG, batch x time steps x modalities; UniAlign, per encoded modality
+    its rows x the tokens its tokenizer makes."""
+    if config.get("method", "cmg") != "unialign":
+        return config.batch_size * config.model.input_shapes[stage.modalities[0]][0] * len(stage.modalities)
+    model = unialign_trainer.build_model(config)
+    params = optim.merge_params(abstract_state.params, abstract_state.frozen)
+    total = 0
+    for modality in unialign_config.encoded_modalities(config):
+        rows = config.accumulation.steps * config.accumulation.micro_batch_sizes[modality]
+        inputs = jax.ShapeDtypeStruct((1, *config.model.input_shapes[modality]), jnp.float32)
+        tokens = jax.eval_shape(lambda p, x, m=modality: model.apply({"params": p}, x, m, method="tokens"),
+                                params, inputs)
+        total += rows * tokens.shape[1]
+    return total
+
+
+def build_step(config, stage_index: int, mesh) -> tuple[trainer.JittedStep, Any, Any, Any]:
     """(step function, abstract state with shardings, abstract batch with sharding, stage)."""
     stage = trainer.stage_specs(config)[stage_index]
-    abstract = jax.eval_shape(lambda: trainer.fresh_state(config, stage, jax.random.key(config.seed)))
+    init, step_class, host_batch = step_parts(config, stage)
+    abstract = jax.eval_shape(lambda: init(jax.random.key(config.seed)))
     shardings = trainer.state_shardings(abstract, mesh, config.sharding_rules)
-    step_fn = trainer.StepFunction(config, stage, mesh, abstract, shardings)
+    step_fn = step_class(config, stage, mesh, abstract, shardings)
     abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
-    host = random_batch(config, stage.modalities, 1)
     batch_sharding = parallel.batch_sharding(mesh)
     abstract_batch = {
-        k: jax.ShapeDtypeStruct((config.batch_size, *v.shape[1:]), v.dtype, sharding=batch_sharding)
-        for k, v in host.items()
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding) for k, v in host_batch(0).items()
     }
     return step_fn, abstract_state, abstract_batch, stage
 
@@ -264,9 +305,10 @@ def benchmark(config, stage_index: int = 0, steps: int = 10, warmup: int = 2,
     devices = list(mesh.devices.flat)
     peak_before, _ = peak_flops(devices)
     step_fn, abstract_state, abstract_batch, stage = build_step(config, stage_index, mesh)
-    init = lambda: trainer.fresh_state(config, stage, jax.random.key(config.seed))
-    state = jax.jit(init, out_shardings=jax.tree.map(lambda a: a.sharding, abstract_state))()
-    batch = parallel.global_batch(random_batch(config, stage.modalities, config.batch_size), mesh)
+    init, _, host_batch = step_parts(config, stage)
+    out_shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
+    state = jax.jit(lambda: init(jax.random.key(config.seed)), out_shardings=out_shardings)()
+    batch = parallel.global_batch(host_batch(0), mesh)
 
     start = time.perf_counter()
     compiled = step_fn.lower(abstract_state, abstract_batch).compile()
@@ -289,7 +331,7 @@ def benchmark(config, stage_index: int = 0, steps: int = 10, warmup: int = 2,
     peak, peak_source = peak_flops(devices)
     peak = max(peak, peak_before)  # a busy host lowers a measured peak: keep the better measurement
     flops_per_step = flops["flops_per_device"] * mesh.size
-    seq_len = config.model.input_shapes[stage.modalities[0]][0]
+    tokens = tokens_per_step(config, stage, abstract_state)
     stats = devices[0].memory_stats() or {}
     result = {
         **_describe(config, stage, mesh, label),
@@ -300,7 +342,7 @@ def benchmark(config, stage_index: int = 0, steps: int = 10, warmup: int = 2,
         "step_seconds_min": min(times),
         "step_seconds_max": max(times),
         "examples_per_second": config.batch_size / median,
-        "tokens_per_second": config.batch_size * seq_len * len(stage.modalities) / median,
+        "tokens_per_second": tokens / median,
         "flops_per_step": flops_per_step,
         "xla_cost_analysis_flops": flops["xla_cost_analysis_flops"] * mesh.size,
         "flops_per_second": flops_per_step / median,

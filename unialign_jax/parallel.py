@@ -54,8 +54,13 @@ Rule = tuple[str, Any]
 
 # Parameters, frozen parameters, their optimizer moments and EWC anchors/Fisher, all FSDP.
 FSDP_RULES: tuple[Rule, ...] = ((r"^(params|frozen|opt_state|carry)/", FSDP),)
-# The COMET CMoE-Adapter's stacked experts ([U, D, F] kernels, [U, F] biases) on the expert axis.
-EXPERT_RULES: tuple[Rule, ...] = ((r"adapter/(common|specific_[a-z]+)/(kernel|bias)$", ("expert",)),)
+# Stacked experts on the expert axis: the COMET CMoE-Adapter's ([U, D, F] kernels, [U, F] biases) and
+# UniAlign's MoE-LoRA banks ([G, n, ..] LoRA factors; [L, G, n, ..] under `scan_layers`).
+EXPERT_RULES: tuple[Rule, ...] = (
+    (r"adapter/(common|specific_[a-z]+)/(kernel|bias)$", ("expert",)),
+    (r"/layers/.*/experts/lora_[ab]$", (None, None, "expert")),
+    (r"/experts/lora_[ab]$", (None, "expert")),
+)
 
 
 def maybe_initialize_distributed() -> bool:

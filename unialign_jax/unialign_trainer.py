@@ -116,18 +116,12 @@ def pretrained_params(config: ml_collections.ConfigDict) -> dict | None:
     return pretrained
 
 
-def fresh_state(config: ml_collections.ConfigDict, stage: StageSpec, workdir: str) -> TrainState:
-    """The starting state: fresh adapters, tokenizers and heads around the frozen pretrained backbone."""
-    del workdir  # the state does not depend on the workdir (teacher features come with the data)
-    init_rng, state_rng = jax.random.split(jax.random.key(config.seed))
-    params = jax.jit(functools.partial(init_params, config))(init_rng)
-    pretrained = pretrained_params(config)
-    if pretrained is not None:
-        params = weights_lib.overlay_pretrained(params, pretrained)
+def initial_state(config: ml_collections.ConfigDict, stage: StageSpec, params: dict,
+                  label_embeddings: dict[str, jax.Array], rng: jax.Array) -> TrainState:
+    """The state at step 0 of `params` (all modules; the backbone part is frozen by
+    `config.frozen_patterns`), the class-label text embeddings {modality: [C, D]} and the step's key."""
     frozen, trainable = optim.split_params(params, config.frozen_patterns)
     tx = optim.make_optimizer(config.optim, trainable, stage.steps)
-    label_embeddings = anchors_lib.label_embeddings(config, unialign_config.encoded_modalities(config))
-    logger.info("UniAlign parameters:\n%s", parameter_table(config))
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=trainable,
@@ -136,8 +130,40 @@ def fresh_state(config: ml_collections.ConfigDict, stage: StageSpec, workdir: st
         aux={},
         opt_state=tx.init(trainable),
         carry={"label_embeddings": {m: jnp.asarray(v) for m, v in label_embeddings.items()}},
-        rng=state_rng,
+        rng=rng,
     )
+
+
+def fresh_state(config: ml_collections.ConfigDict, stage: StageSpec, workdir: str) -> TrainState:
+    """The starting state: fresh adapters, tokenizers and heads around the frozen pretrained backbone."""
+    del workdir  # the state does not depend on the workdir (teacher features come with the data)
+    init_rng, state_rng = jax.random.split(jax.random.key(config.seed))
+    params = jax.jit(functools.partial(init_params, config))(init_rng)
+    pretrained = pretrained_params(config)
+    if pretrained is not None:
+        params = weights_lib.overlay_pretrained(params, pretrained)
+    label_embeddings = anchors_lib.label_embeddings(config, unialign_config.encoded_modalities(config))
+    logger.info("UniAlign parameters:\n%s", parameter_table(config))
+    return initial_state(config, stage, params, label_embeddings, state_rng)
+
+
+def random_batch(config: ml_collections.ConfigDict, num_classes: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random arrays with the keys and shapes of one `make_train_iterator` batch (benchmarks, tests):
+    labels in [0, num_classes), captions if the loss reads them, teacher features if distilled."""
+    rng = np.random.default_rng(seed)
+    shapes = config.model.input_shapes
+    batch = {}
+    for modality in unialign_config.encoded_modalities(config):
+        rows = config.accumulation.steps * config.accumulation.micro_batch_sizes[modality]
+        fields = {"inputs": (rows, *shapes[modality])}
+        if unialign_config.uses_captions(config):
+            fields[config.model.anchor] = (rows, *shapes[config.model.anchor])
+        if modality in unialign_config.teacher_modalities(config):
+            fields["teacher"] = (rows, config.teachers.dims[modality])
+        for name, shape in fields.items():
+            batch[f"{modality}/{name}"] = rng.standard_normal(shape).astype(np.float32)
+        batch[f"{modality}/label"] = rng.integers(0, num_classes, rows).astype(np.int32)
+    return batch
 
 
 def make_train_iterator(config: ml_collections.ConfigDict, stage: StageSpec, workdir: str):

@@ -248,6 +248,10 @@ class UniAlignModel(nn.Module):
             outputs["distillation"] = self.distill_heads[modality](embedding)
         return outputs
 
+    def tokens(self, inputs: Array, modality: str) -> Array:
+        """The token sequence [B, T, width] that `modality`'s tokenizer feeds the backbone."""
+        return self.tokenizers[modality](inputs)
+
     def init_all(self, examples: Mapping[str, Array]) -> dict[str, dict[str, Array]]:
         """Runs every modality once (`examples`: {modality: [B, ...]}) so that `init` creates all params."""
         return {m: self(examples[m], m) for m in self.config.modalities}
