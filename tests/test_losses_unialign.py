@@ -124,6 +124,25 @@ def test_model_distillation_matches_eq13_to_15(precision, kl_order):
     np.testing.assert_allclose(loss, 2000.0 * feature_mse + modal_align, rtol=rtol)
 
 
+def test_model_distillation_with_a_wider_teacher_matches_eq13_to_15(precision):
+    """A teacher of width 5 against a 3-d student: the KLs compare in-batch similarities, each in its
+    own space; Eq. 13 compares the student's projected feature with the teacher's."""
+    dtype, rtol = precision
+    rng = np.random.default_rng(6)
+    student = {m: normal(rng, (4, 3), dtype) for m in ("audio", "text")}
+    teacher = {m: normal(rng, (4, 5), dtype) for m in ("audio", "text")}
+    projected = normal(rng, (4, 5), dtype)
+    _, metrics = model_distillation_loss(student, teacher, "audio", "text", temperature=0.5,
+                                         student_feature=projected)
+    student, teacher = ({m: v.astype(np.float64) for m, v in side.items()} for side in (student, teacher))
+    modal_align = (in_batch_kl(student["audio"], student["text"], teacher["audio"], teacher["text"], 0.5, "model_first")
+                   + in_batch_kl(student["text"], student["audio"], teacher["text"], teacher["audio"], 0.5, "model_first"))
+    np.testing.assert_allclose(metrics["feature_mse"], np.mean((teacher["audio"] - projected) ** 2), rtol=rtol)
+    np.testing.assert_allclose(metrics["modal_align_kl"], modal_align, rtol=rtol)
+    with pytest.raises(ValueError, match=r"pass student_feature at the teacher's width"):
+        model_distillation_loss(student, teacher, "audio", "text")
+
+
 def test_model_distillation_behaviour():
     rng = np.random.default_rng(5)
     student = {m: jnp.asarray(rng.normal(size=(3, 4))) for m in ("points", "image")}

@@ -10,6 +10,7 @@ from flax import traverse_util
 from unialign_jax import anchors as anchors_lib
 from unialign_jax import optim
 from unialign_jax import parallel
+from unialign_jax import teachers
 from unialign_jax import trainer
 from unialign_jax import unialign_trainer
 from unialign_jax.data import mixed
@@ -110,8 +111,9 @@ def test_modality_loss_is_eq16_of_the_pure_losses(setup):
                 outputs["embedding"], fields["label"], classes["image"], classes["audio"], tau),
             "anchor_distil": unialign_losses.anchor_distillation_loss(outputs["embedding"], label_anchor, caption, tau),
             "model_distil": unialign_losses.model_distillation_loss(
-                {"image": l2_normalize(outputs["distillation"]), "text": caption},
-                {"image": fields["teacher"], "text": caption}, "image", "text", temperature=tau)[0],
+                {"image": outputs["embedding"], "text": caption},
+                {"image": fields["teacher"], "text": caption}, "image", "text", temperature=tau,
+                student_feature=l2_normalize(outputs["distillation"]))[0],
         }
         return total, metrics, expected
 
@@ -158,3 +160,30 @@ def test_mixed_batches_draw_each_modality_from_its_own_shuffle(tmp_path):
     image, audio = np.concatenate(seen["image"]), np.concatenate(seen["audio"])
     assert sorted(image[:num_train]) == list(range(num_train))  # each epoch covers the split once
     assert not np.array_equal(image[:8], audio[:8])  # independent shuffles: rows are not paired
+
+
+def test_an_external_teacher_wider_than_the_anchor_needs_and_gets_its_anchor_features(tmp_path):
+    """A 24-d teacher against 16-d anchors (as ONE-PEACE's 1536-d against CLIP's 512-d): its file must
+    hold the teacher's anchor embeddings, which reach the step as `teacher_anchor`."""
+    config = tiny_unialign_config(str(tmp_path / "data"))
+    config.teachers.dims = {"image": 24}
+    (stage,) = trainer.stage_specs(config)
+    num_train = len(pipeline.build_source(config.stages[0].data["image"], "train"))
+    directory = teachers.teacher_dir(config, str(tmp_path))
+    directory.mkdir(parents=True)
+    stored = dict(features=np.ones((num_train, 24), np.float32), test_top1=0.0,
+                  data_config=config.stages[0].data["image"].to_json(sort_keys=True))
+    np.savez(directory / "image.npz", **stored)
+    with pytest.raises(ValueError, match="24-d but the anchor is 16-d: the file must also hold `anchor_features`"):
+        teachers.load_teachers(config, str(tmp_path))
+    np.savez(directory / "image.npz", **stored, anchor_features=np.ones((num_train, 24), np.float32))
+    batch = next(unialign_trainer.make_train_iterator(config, stage, str(tmp_path)))
+    assert batch["image/teacher"].shape == batch["image/teacher_anchor"].shape == (16, 24)
+    assert set(batch) == set(unialign_trainer.random_batch(config, num_classes=10))
+
+    state = unialign_trainer.fresh_state(config, stage, str(tmp_path))
+    mesh = parallel.make_mesh(config.mesh)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
+    step = unialign_trainer.UniAlignStep(config, stage, mesh, abstract, trainer.state_shardings(abstract, mesh, []))
+    _, metrics = step(state, parallel.global_batch(batch, mesh))
+    assert np.isfinite(float(metrics["image/model_distil"])) and float(metrics["image/feature_mse"]) > 0

@@ -11,7 +11,10 @@ student uses (`config.loss.nce_anchor`: captions or class labels):
 
 Its features of every training example, in the split's stored order, are cached in
 `<workdir>/<teachers.dir>/<modality>.npz` (`features` float32[N_train, D]; `data_config`, the JSON of
-the dataset they belong to; `test_top1`, the teacher's own zero-shot accuracy on the test split):
+the dataset they belong to; `test_top1`, the teacher's own zero-shot accuracy on the test split;
+optionally `anchor_features` float32[N_train, D], the teacher's own embedding of each example's
+anchor view, x̂^a of Eq. 14. Teachers trained here embed into the student's anchor space, so they
+need none; an external teacher whose width D differs from the anchor's must provide them):
 
     python -m unialign_jax.teachers --config=configs/unialign_digits.py --workdir=workdirs/unialign_digits
 
@@ -23,8 +26,7 @@ the same file layout).
 
 from __future__ import annotations
 
-import os
-import pathlib
+import io
 
 import flax.linen as nn
 import jax
@@ -33,9 +35,12 @@ import ml_collections
 import numpy as np
 import optax
 from absl import app, flags
+from etils import epath
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from unialign_jax import anchors as anchors_lib
+from unialign_jax import files
 from unialign_jax import logs
 from unialign_jax import unialign_config
 from unialign_jax.data import pipeline
@@ -60,10 +65,9 @@ class TeacherNet(nn.Module):
         return l2_normalize(nn.Dense(self.dim)(x))
 
 
-def teacher_dir(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
-    """`teachers.dir`, relative to the workdir unless absolute."""
-    return pathlib.Path(workdir) / config.teachers.dir
-
+def teacher_dir(config: ml_collections.ConfigDict, workdir: str) -> epath.Path:
+    """`teachers.dir`, relative to the workdir unless absolute (local or `gs://`)."""
+    return epath.Path(workdir) / config.teachers.dir
 
 def _anchors(config, data: dict, label_embeddings: np.ndarray) -> np.ndarray:
     if config.loss.nce_anchor == "caption":
@@ -111,15 +115,13 @@ def write_teachers(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
         raise ValueError("this config has no teachers (config.teachers.modalities, config.loss.terms.model_distil).")
     label_embeddings = anchors_lib.label_embeddings(config, modalities)
     directory = teacher_dir(config, workdir)
-    directory.mkdir(parents=True, exist_ok=True)
     features = {}
     for modality in modalities:
         trained = train_teacher(config, modality, label_embeddings[modality])
-        path = directory / f"{modality}.npz"
-        temporary = path.with_suffix(f".{os.getpid()}.tmp.npz")
-        np.savez(temporary, features=trained["features"], test_top1=trained["test_top1"],
+        stored = io.BytesIO()
+        np.savez(stored, features=trained["features"], test_top1=trained["test_top1"],
                  data_config=config.stages[0].data[modality].to_json(sort_keys=True))
-        os.replace(temporary, path)
+        files.write_atomic(directory / f"{modality}.npz", stored.getvalue())
         features[modality] = trained["features"]
     logger.info("Teacher features cached in %s.", directory)
     return features
@@ -138,11 +140,13 @@ def check_available(config: ml_collections.ConfigDict, workdir: str) -> list[str
     return missing
 
 
-def load_teachers(config: ml_collections.ConfigDict, workdir: str) -> dict[str, np.ndarray]:
-    """{modality: float32[N_train, D]} cached teacher features of the config's teacher modalities.
+def load_teachers(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, np.ndarray]]:
+    """{modality: {"teacher": float32[N_train, D], "teacher_anchor": float32[N_train, D] if cached}} of
+    the config's teacher modalities (module docstring).
 
     Missing files are trained first when `teachers.auto_train`, else FileNotFoundError with the command.
-    A file made for another dataset or of the wrong feature size raises ValueError.
+    A file made for another dataset, of the wrong feature size, or lacking the anchor features that a
+    width other than the anchor's needs raises ValueError.
     """
     modalities = unialign_config.teacher_modalities(config)
     directory = teacher_dir(config, workdir)
@@ -150,18 +154,26 @@ def load_teachers(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
     if missing:
         logger.info("No cached teacher features for %s in %s: training them now (as `%s`).", missing, directory, COMMAND)
         write_teachers(config, workdir)
-    features = {}
+        multihost_utils.sync_global_devices("teacher features written")
+    anchor_dim = config.model.input_shapes[config.model.anchor][-1]
+    loaded = {}
     for modality in modalities:
         path = directory / f"{modality}.npz"
-        with np.load(path) as stored:
-            expected = config.stages[0].data[modality].to_json(sort_keys=True)
-            if str(stored["data_config"]) != expected:
+        with np.load(io.BytesIO(path.read_bytes())) as stored:
+            if str(stored["data_config"]) != config.stages[0].data[modality].to_json(sort_keys=True):
                 raise ValueError(f"teacher features {path} were made for another dataset; delete them and run `{COMMAND}`.")
-            features[modality] = stored["features"]
-        if features[modality].ndim != 2 or features[modality].shape[1] != config.teachers.dims[modality]:
-            raise ValueError(f"teacher features {path} have shape {features[modality].shape}; config.teachers.dims "
-                             f"says [N, {config.teachers.dims[modality]}].")
-    return features
+            loaded[modality] = {"teacher": stored["features"]}
+            if "anchor_features" in stored.files:
+                loaded[modality]["teacher_anchor"] = stored["anchor_features"]
+        dim = config.teachers.dims[modality]
+        for name, values in loaded[modality].items():
+            if values.shape != (len(loaded[modality]["teacher"]), dim):
+                raise ValueError(f"teacher {name} in {path} have shape {values.shape}; config.teachers.dims says "
+                                 f"[N, {dim}] for every array of the file.")
+        if dim != anchor_dim and "teacher_anchor" not in loaded[modality]:
+            raise ValueError(f"teacher features {path} are {dim}-d but the anchor is {anchor_dim}-d: the file must "
+                             "also hold `anchor_features` (the teacher's embedding of each example's anchor view).")
+    return loaded
 
 
 def main(argv):

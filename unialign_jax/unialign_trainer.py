@@ -29,8 +29,11 @@ Terms of L_m (each switch in `config.loss.terms`; tau = `config.loss.temperature
                 divided by the number of other datasets.
   anchor_distil Eq. 12 with the two anchor views the data has: the class-label text (T) and the
                 caption (I); the frozen anchor-anchor similarities guide the modality's.
-  model_distil  Eq. 15 between the distillation head's (normalised) output and the cached teacher
-                feature, with the NCE anchor as the anchor modality of Eq. 14.
+  model_distil  Eq. 15: the MSE (Eq. 13) between the distillation head's (normalised) output and the
+                cached teacher feature; the KLs (Eq. 14) between the student's similarities (its
+                embedding vs the NCE anchor) and the teacher's (its feature vs its own embedding of
+                the anchor view, `teacher_anchor`, or the NCE anchor when the teacher was trained
+                against the student's anchors and caches none: `unialign_jax.teachers`).
 """
 
 from __future__ import annotations
@@ -149,7 +152,8 @@ def fresh_state(config: ml_collections.ConfigDict, stage: StageSpec, workdir: st
 
 def random_batch(config: ml_collections.ConfigDict, num_classes: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Random arrays with the keys and shapes of one `make_train_iterator` batch (benchmarks, tests):
-    labels in [0, num_classes), captions if the loss reads them, teacher features if distilled."""
+    labels in [0, num_classes), captions if the loss reads them, teacher features if distilled (and
+    the teacher's anchor features when its width differs from the anchor's)."""
     rng = np.random.default_rng(seed)
     shapes = config.model.input_shapes
     batch = {}
@@ -160,6 +164,8 @@ def random_batch(config: ml_collections.ConfigDict, num_classes: int, seed: int 
             fields[config.model.anchor] = (rows, *shapes[config.model.anchor])
         if modality in unialign_config.teacher_modalities(config):
             fields["teacher"] = (rows, config.teachers.dims[modality])
+            if config.teachers.dims[modality] != shapes[config.model.anchor][-1]:
+                fields["teacher_anchor"] = fields["teacher"]
         for name, shape in fields.items():
             batch[f"{modality}/{name}"] = rng.standard_normal(shape).astype(np.float32)
         batch[f"{modality}/label"] = rng.integers(0, num_classes, rows).astype(np.int32)
@@ -180,7 +186,7 @@ def make_train_iterator(config: ml_collections.ConfigDict, stage: StageSpec, wor
         batch_sizes=batch_sizes,
         seed=config.seed,
         fields=fields,
-        extra={m: {"teacher": features} for m, features in teacher_features.items()},
+        extra=teacher_features,
     )
 
 
@@ -272,13 +278,14 @@ class UniAlignStep(trainer.JittedStep):
             )
         if modality in self.teacher_modalities:
             terms["model_distil"], distil_metrics = unialign_losses.model_distillation_loss(
-                {modality: l2_normalize(outputs["distillation"]), "anchor": anchor},
-                {modality: micro_batch["teacher"], "anchor": anchor},
+                {modality: embedding, "anchor": anchor},
+                {modality: micro_batch["teacher"], "anchor": micro_batch.get("teacher_anchor", anchor)},
                 modality,
                 "anchor",
                 mse_weight=loss_config.feature_mse_weight,
                 temperature=tau,
                 kl_order=kl_order,
+                student_feature=l2_normalize(outputs["distillation"]),
             )
             metrics.update(distil_metrics)
         total, terms = unialign_losses.unialign_total_loss(terms, dict(loss_config.weights))

@@ -120,6 +120,7 @@ def model_distillation_loss(
     mse_weight: float = 2000.0,
     temperature: float = 1.0,
     kl_order: KLOrder = "model_first",
+    student_feature: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Knowledge distillation from a partial-modal foundation model (UniAlign Eq. 13-15).
 
@@ -133,7 +134,9 @@ def model_distillation_loss(
     Eq. 13 writes ||F̂ − F||²; the reduction here is the element mean (torch `F.mse_loss`), the one for
     which λ = 2000 makes sense: for unit-norm 512-d embeddings it is O(1e-3). Features enter the MSE
     as given (pass the normalised embeddings); the similarities use cosine (Eq. 10). Candidates are
-    in-batch, as in `anchor_distillation_loss`.
+    in-batch, as in `anchor_distillation_loss`. Each side's similarities stay in its own space, so the
+    teacher's width may differ from the student's; then the MSE needs the student's feature at the
+    teacher's width, `student_feature` [B, D_teacher] (e.g. a projection head of x_e; default x_e).
 
     Returns (L, {"feature_mse": L_feat_align, "modal_align_kl": L_modal_align}).
     """
@@ -145,7 +148,11 @@ def model_distillation_loss(
             )
     x_e, x_a = student[extended_modality], student[anchor_modality]
     t_e, t_a = teacher[extended_modality], teacher[anchor_modality]
-    feature_mse = jnp.mean(jnp.square(jax.lax.stop_gradient(t_e) - x_e))
+    feature = x_e if student_feature is None else student_feature
+    if feature.shape != t_e.shape:
+        raise ValueError(f"Eq. 13 compares the student feature {feature.shape} with the teacher's {t_e.shape}: "
+                         "pass student_feature at the teacher's width.")
+    feature_mse = jnp.mean(jnp.square(jax.lax.stop_gradient(t_e) - feature))
     modal_align = _paired_alignment_kl(x_e, x_a, t_e, t_a, temperature, kl_order) + _paired_alignment_kl(
         x_a, x_e, t_a, t_e, temperature, kl_order
     )
