@@ -20,7 +20,9 @@ What a real run needs besides this file, none of which ships with the project: t
 (`weights=`), the class-label embeddings of each dataset from CLIP's text tower as an .npz with one
 [C, 512] array per modality (`anchors=`), converted datasets (data source `features`, names below;
 their per-example layouts must be the raw inputs of `model.input_shapes`), and the teachers'
-features in `<workdir>/teachers/<modality>.npz` (`unialign_jax.teachers` describes the format).
+features in `<workdir>/teachers/<modality>.npz` (`unialign_jax.teachers` describes the format; their
+widths differ from CLIP's 512, so each file also holds `anchor_features`, the teacher's own embedding
+of every example's anchor view).
 Ablations as in configs/unialign_digits.py (`routing=`, `experts=`, `top_k=`, `soft_bind=`,
 `anchor_distil=`, `model_distil=`); `placement=ffn_linears|parallel` places the LoRA experts on the
 FFN's two linears (LoRAMoE) or beside the FFN (Eq. 7).
