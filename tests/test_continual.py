@@ -13,6 +13,7 @@ import pytest
 from flax import traverse_util
 
 from unialign_jax import checkpoint as ckpt_lib
+from unialign_jax import configlib
 from unialign_jax import continual
 from unialign_jax import optim
 from unialign_jax import train
@@ -93,3 +94,15 @@ def test_resume_across_a_stage_boundary_matches_an_uninterrupted_run(finished_ru
     assert meta["finished"]
     for (path, x), y in zip(_flat(a["params"]).items(), _flat(b["params"]).values()):
         np.testing.assert_array_equal(x, y, err_msg=path)
+
+
+def test_ewc_protects_the_adapter_and_optionally_the_mediator_encoder():
+    params = {"adapter": {"common": {"kernel": 1}, "specific_text": {"kernel": 2}, "specific_image": {"kernel": 3}},
+              "semantic_encoder_text": {"dense": {"kernel": 4}}, "semantic_encoder_image": {"dense": {"kernel": 5}}}
+    pairs = [("video", "text"), ("image", "text")]
+    for arg, extra in (("", []), ("ewc_mediator=true,ewc_lambda=1e4", ["semantic_encoder_text/dense/kernel"])):
+        config = configlib.continual_config(arg, pairs, comet=True)
+        stage = trainer.stage_specs(config)[0]  # video-text: the image layers are not activated
+        protected = _flat(optim.split_params(params, continual.ewc_patterns(config, stage))[0])
+        assert sorted(protected) == ["adapter/common/kernel", "adapter/specific_text/kernel", *extra]
+    assert config.continual.ewc_strength == 1e4

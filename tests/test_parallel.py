@@ -35,19 +35,23 @@ def _numpy_leaves(state):
     return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(jax.tree.map(as_data, state)))]
 
 
-@pytest.fixture(scope="module")
-def initial_state():
-    """One fresh state in host memory, shared by every mesh (initialised once: compiling it is slow).
+def _host_initial_state(config):
+    """One fresh state of the config's method in host memory, shared by every mesh (initialised once:
+    compiling it is slow).
 
     Its `rng` is raw key data (`_on_mesh` wraps it), so that no device buffer is shared between runs.
+    RngBitGenerator keys compile much faster than threefry; the step keeps a threefry key, whose
+    random bits do not depend on the sharding.
     """
-    config = _comet_config()
-    stage = trainer.stage_specs(config)[0]
+    init, _, _ = bench.step_parts(config, trainer.stage_specs(config)[0])
     with jax.default_device(jax.devices()[0]):
-        # RngBitGenerator keys compile much faster than threefry; the step keeps a threefry key,
-        # whose random bits do not depend on the sharding.
-        state = trainer.fresh_state(config, stage, jax.random.key(0, impl="rbg"))
+        state = init(jax.random.key(0, impl="rbg"))
         return jax.device_get(state.replace(rng=jax.random.key_data(jax.random.key(1))))
+
+
+@pytest.fixture(scope="module")
+def initial_state():
+    return _host_initial_state(_comet_config())
 
 
 def _on_mesh(host_state, mesh, rules):
@@ -126,16 +130,22 @@ SHARDINGS = pytest.mark.parametrize(
 )
 
 
-@SHARDINGS
-def test_sharded_step_matches_one_device(initial_state, one_device_run, mesh_axes, rules):
+def _sharded_run(config, host_state, one_device_run, mesh_axes, rules):
+    """Trains `config` on `mesh_axes` with `rules`; asserts the losses and the whole final state match
+    the one-device run to 1e-5. Returns the sharded final state and its mesh."""
     reference, reference_losses = one_device_run
-    config = _comet_config()
     config.mesh, config.sharding_rules = mesh_axes, rules
     mesh = parallel.make_mesh(config.mesh)
-    state, losses = _train(config, mesh, initial_state)
+    state, losses = _train(config, mesh, host_state)
     np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
     for ours, theirs in zip(_numpy_leaves(state), _numpy_leaves(reference)):
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+    return state, mesh
+
+
+@SHARDINGS
+def test_sharded_step_matches_one_device(initial_state, one_device_run, mesh_axes, rules):
+    state, mesh = _sharded_run(_comet_config(), initial_state, one_device_run, mesh_axes, rules)
     # The rules were applied: parameters and Adam moments keep their shardings after the steps.
     kernel = state.params["adapter"]["common"]["kernel"]
     mu = state.opt_state[1][0].mu["adapter"]["common"]["kernel"]
@@ -174,11 +184,7 @@ def _unialign_config():
 
 @pytest.fixture(scope="module")
 def unialign_initial_state():
-    config = _unialign_config()
-    init, _, _ = bench.step_parts(config, trainer.stage_specs(config)[0])
-    with jax.default_device(jax.devices()[0]):
-        state = init(jax.random.key(0, impl="rbg"))
-        return jax.device_get(state.replace(rng=jax.random.key_data(jax.random.key(1))))
+    return _host_initial_state(_unialign_config())
 
 
 @pytest.fixture(scope="module")
@@ -188,13 +194,6 @@ def unialign_one_device_run(unialign_initial_state):
 
 @SHARDINGS
 def test_sharded_unialign_step_matches_one_device(unialign_initial_state, unialign_one_device_run, mesh_axes, rules):
-    reference, reference_losses = unialign_one_device_run
-    config = _unialign_config()
-    config.mesh, config.sharding_rules = mesh_axes, rules
-    mesh = parallel.make_mesh(config.mesh)
-    state, losses = _train(config, mesh, unialign_initial_state)
-    np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
-    for ours, theirs in zip(_numpy_leaves(state), _numpy_leaves(reference)):
-        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+    state, _ = _sharded_run(_unialign_config(), unialign_initial_state, unialign_one_device_run, mesh_axes, rules)
     lora = state.params["backbone"]["encoder"]["layer_0"]["mlp"]["fc1_adapter"]["experts"]["lora_a"]
     assert lora.sharding.spec == (P(None, "expert") if rules else P())

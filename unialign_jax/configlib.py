@@ -291,7 +291,8 @@ def cmg_config(*, size: str, modalities: tuple[str, ...], data: str = "synthetic
             ("other", r".*"),
         ],
     )
-    c.continual = dict(pseudo_modality=False, ewc=False, ewc_strength=1.0, fisher_batches=10, growth_examples=500)
+    c.continual = dict(pseudo_modality=False, ewc=False, ewc_strength=1.0, ewc_extra=(), fisher_batches=10,
+                       growth_examples=500)
     c.eval = dict(paired=data in ("synthetic", "features"), head_steps=400, head_learning_rate=1e-3, head_batch_size=64, batch_size=250, max_examples=1000, data=None)
     return c
 
@@ -332,11 +333,13 @@ def continual_config(arg: str | None, pairs: list[tuple[str, str]], *, mediator:
     `size=small|reference`, `seed=N`, `steps=N` (per stage), and the
     COMET switches of the paper's ablation (Table 6), each `true|false`: `pm` (Pseudo-Modality
     Replay), `moe` (CMoE-Adapter), `gate` (its load-balancing loss), `ewc`, `sl` (the adapter's
-    modality-specific layers). COMET configs grow the codebook at every stage; the DCID baseline
-    (`comet=False`: every switch off) keeps one fixed codebook of the same total size.
+    modality-specific layers); `ewc_lambda=X` (λ of Eq. 6, default 100; the paper gives none) and
+    `ewc_mediator=true` (beyond the paper: EWC also on the mediator's semantic encoder). COMET
+    configs grow the codebook at every stage; the DCID baseline (`comet=False`: every switch off)
+    keeps one fixed codebook of the same total size.
     """
     arg = parse_arg(arg, data="digits", size="small", seed=0, steps=0, pm=comet, moe=comet, gate=comet,
-                    ewc=comet, sl=comet, datasets="", eval_dataset="")
+                    ewc=comet, sl=comet, ewc_lambda=100.0, ewc_mediator=False, datasets="", eval_dataset="")
     modalities = tuple(dict.fromkeys(m for pair in pairs for m in pair))
     data_name = resolve_data(arg.data, modalities)
     config = cmg_config(size=arg.size, modalities=modalities, data=data_name)
@@ -351,7 +354,9 @@ def continual_config(arg: str | None, pairs: list[tuple[str, str]], *, mediator:
     config.loss.weights.gate = 1.0 if (arg.moe and arg.gate) else 0.0
     config.continual.pseudo_modality = arg.pm
     config.continual.ewc = arg.ewc and arg.moe  # EWC protects the adapter's layers (COMET §3.2)
-    config.continual.ewc_strength = 100.0
+    config.continual.ewc_strength = float(arg.ewc_lambda)
+    if arg.ewc_mediator:  # beyond the paper: also protect the mediator's semantic encoder
+        config.continual.ewc_extra = (rf"^semantic_encoder_{mediator}/",)
     steps = arg.steps or (3000 if reference else 400)
     shapes = dict(config.model.input_shapes)
     windows = concept_windows(len(pairs))

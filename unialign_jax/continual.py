@@ -43,9 +43,12 @@ from unialign_jax.nn import quantizer as quantizer_lib
 ARTIFACTS_FOLDER = "continual"
 
 
-def ewc_patterns(stage: trainer.StageSpec) -> list[str]:
-    """Parameters EWC protects after `stage`: adapter common layers + specific layers it activated."""
-    return [r"^adapter/common/"] + [rf"^adapter/specific_{m}/" for m in stage.modalities]
+def ewc_patterns(config: ml_collections.ConfigDict, stage: trainer.StageSpec) -> list[str]:
+    """Parameters EWC protects after `stage`: adapter common layers + specific layers it activated
+    (COMET §3.2), plus `config.continual.ewc_extra` (an extension beyond the paper, e.g. the
+    mediator's semantic encoder, whose drift is what forgets earlier pairs; default none)."""
+    paper = [r"^adapter/common/"] + [rf"^adapter/specific_{m}/" for m in stage.modalities]
+    return paper + list(config.continual.get("ewc_extra", ()))
 
 
 def _select(tree: dict, patterns: list[str]) -> dict:
@@ -71,7 +74,7 @@ def estimate_fisher(config: ml_collections.ConfigDict, stage: trainer.StageSpec,
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
     shardings = trainer.state_shardings(abstract, mesh, config.sharding_rules)
     step_fn = trainer.StepFunction(config, stage, mesh, abstract, shardings)
-    patterns = ewc_patterns(stage)
+    patterns = ewc_patterns(config, stage)
 
     @jax.jit
     def squared_gradients(state, batch):
