@@ -36,6 +36,7 @@ from unialign_jax import unialign_evaluate
 from unialign_jax.data import pipeline
 from unialign_jax.logs import logger
 
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _encode_batch(model, with_routing: bool, variables: dict, batch: dict):
     outputs = model.apply(variables, batch, train=False, update_codebook=False)

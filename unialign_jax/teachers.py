@@ -69,6 +69,7 @@ def teacher_dir(config: ml_collections.ConfigDict, workdir: str) -> epath.Path:
     """`teachers.dir`, relative to the workdir unless absolute (local or `gs://`)."""
     return epath.Path(workdir) / config.teachers.dir
 
+
 def _anchors(config, data: dict, label_embeddings: np.ndarray) -> np.ndarray:
     if config.loss.nce_anchor == "caption":
         return np.asarray(anchors_lib.pool_text(data[config.model.anchor]))

@@ -139,6 +139,7 @@ def check_int(name: str, value, minimum: int | None = None, below: int | None = 
         raise ValueError(f"{name} must be an integer{bounds}, got {value!r}")
     return int(value)
 
+
 SPLITS = ("train", "test")
 
 
@@ -173,7 +174,6 @@ def split_class_subsets(value, num_classes: int, field: str) -> tuple[tuple[str,
                       else everything) for split in SPLITS)
     subset = class_subset(value, num_classes, field)
     return tuple((split, subset) for split in SPLITS)
-
 
 
 def _check_modalities(data_config: ml_collections.ConfigDict, modalities: Sequence[str]) -> tuple[str, ...]:

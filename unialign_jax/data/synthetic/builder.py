@@ -173,8 +173,6 @@ def _noise(value) -> float:
     return float(value)
 
 
-
-
 def _modality_shapes(value, seq_len: int) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """Canonical `((modality, (T, ...)), ...)` in `MODALITIES` order."""
     value = pipeline.as_mapping(value)
