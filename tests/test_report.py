@@ -125,3 +125,10 @@ def test_compare_runs_averages_unseen_seen_and_forgetting_over_seeds(tmp_path):
     table = report.compare_runs({"comet": [run("a", 0.3, 0.6, -0.1), run("b", 0.5, 0.8, -0.3)]})
     row = table.splitlines()[2]
     assert "| comet" in row and "40.0 ± 10.0" in row and "70.0 ± 10.0" in row and "-20.0 ± 10.0" in row
+
+
+def test_compare_runs_names_every_workdir_without_results_before_reading_any(tmp_path):
+    (tmp_path / "done" / "results").mkdir(parents=True)
+    (tmp_path / "done" / "results" / "summary.json").write_text(json.dumps({"stages": []}))
+    with pytest.raises(FileNotFoundError, match=r"comet: .*running/results/summary.json; dcid: .*typo/results"):
+        report.compare_runs({"comet": [tmp_path / "done", tmp_path / "running"], "dcid": [tmp_path / "typo"]})

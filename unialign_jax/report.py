@@ -279,10 +279,14 @@ def final_stage_scores(summary: Mapping[str, object]) -> dict[str, float]:
 
 def compare_runs(runs: Mapping[str, Sequence[epath.PathLike]]) -> str:
     """Markdown table: per method, mean ± std over its workdirs (seeds) of `final_stage_scores`."""
+    summaries = {method: [epath.Path(w) / "results" / "summary.json" for w in workdirs]
+                 for method, workdirs in runs.items()}
+    missing = [f"{method}: {path}" for method, paths in summaries.items() for path in paths if not path.exists()]
+    if missing:
+        raise FileNotFoundError("no results (unfinished run or wrong workdir?): " + "; ".join(missing))
     rows = []
-    for method, workdirs in runs.items():
-        scores = [final_stage_scores(files.read_json(epath.Path(w) / "results" / "summary.json"))
-                  for w in workdirs]
+    for method, paths in summaries.items():
+        scores = [final_stage_scores(files.read_json(path)) for path in paths]
         row: dict[str, object] = {"method": method, "runs": len(scores)}
         for name, column in (("unseen", "unseen pairs %"), ("seen", "seen pairs %"),
                              ("forgetting", "forgetting (pp)")):
