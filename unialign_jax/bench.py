@@ -227,8 +227,7 @@ def tokens_per_step(config, stage, abstract_state) -> int:
     model = unialign_trainer.build_model(config)
     params = optim.merge_params(abstract_state.params, abstract_state.frozen)
     total = 0
-    for modality in unialign_config.encoded_modalities(config):
-        rows = config.accumulation.steps * config.accumulation.micro_batch_sizes[modality]
+    for modality, rows in unialign_config.rows_per_update(config).items():
         inputs = jax.ShapeDtypeStruct((1, *config.model.input_shapes[modality]), jnp.float32)
         tokens = jax.eval_shape(lambda p, x, m=modality: model.apply({"params": p}, x, m, method="tokens"),
                                 params, inputs)

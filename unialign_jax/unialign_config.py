@@ -161,6 +161,12 @@ def encoded_modalities(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     return tuple(m for m in config.model.modalities if m != config.model.anchor)
 
 
+def rows_per_update(config: ml_collections.ConfigDict) -> dict[str, int]:
+    """{encoded modality: its rows in one batch}: `accumulation.steps` micro-batches of its size."""
+    sizes = config.accumulation.micro_batch_sizes
+    return {m: config.accumulation.steps * sizes[m] for m in encoded_modalities(config)}
+
+
 def teacher_modalities(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     """Modalities distilled from a teacher (empty when the model-distillation term is off)."""
     if not config.loss.terms.model_distil:

@@ -157,8 +157,7 @@ def random_batch(config: ml_collections.ConfigDict, num_classes: int, seed: int 
     rng = np.random.default_rng(seed)
     shapes = config.model.input_shapes
     batch = {}
-    for modality in unialign_config.encoded_modalities(config):
-        rows = config.accumulation.steps * config.accumulation.micro_batch_sizes[modality]
+    for modality, rows in unialign_config.rows_per_update(config).items():
         fields = {"inputs": (rows, *shapes[modality])}
         if unialign_config.uses_captions(config):
             fields[config.model.anchor] = (rows, *shapes[config.model.anchor])
@@ -175,9 +174,8 @@ def random_batch(config: ml_collections.ConfigDict, num_classes: int, seed: int 
 def make_train_iterator(config: ml_collections.ConfigDict, stage: StageSpec, workdir: str):
     """Mixed-modality batches (`data.mixed`): per modality `accumulation.steps` micro-batches' rows,
     its captions when the loss reads them, and its cached teacher features (`teachers`)."""
-    encoded = unialign_config.encoded_modalities(config)
-    steps = config.accumulation.steps
-    batch_sizes = {m: steps * config.accumulation.micro_batch_sizes[m] for m in encoded}
+    batch_sizes = unialign_config.rows_per_update(config)
+    encoded = tuple(batch_sizes)
     fields = {m: (config.model.anchor,) for m in encoded} if unialign_config.uses_captions(config) else {}
     teacher_features = teachers_lib.load_teachers(config, workdir) if config.loss.terms.model_distil else {}
     return mixed.make_mixed_iterator(
