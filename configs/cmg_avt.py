@@ -12,13 +12,14 @@ Adam 4e-4), `modalities=video+audio+text` (any '+'-joined set of two or more), `
 """
 
 from unialign_jax import configlib
+from unialign_jax.methods.cmg import config as cmg_config
 
 
 def get_config(arg=None):
     arg = configlib.parse_arg(arg, data="digits", size="small", modalities="video+audio+text", steps=0, dataset="")
     modalities = configlib.split_modalities(arg.modalities)
-    data_name = configlib.resolve_data(arg.data, modalities)
-    config = configlib.cmg_config(size=arg.size, modalities=modalities, data=data_name)
+    data_name = cmg_config.resolve_data(arg.data, modalities)
+    config = cmg_config.cmg_config(size=arg.size, modalities=modalities, data=data_name)
     shapes = dict(config.model.input_shapes)
     if data_name == "features":
         if not arg.dataset:

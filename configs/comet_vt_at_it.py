@@ -1,16 +1,13 @@
-"""Continual cross-modal generalization: video-text, then audio-text, then image-text (the paper's main order).
+"""COMET in the paper's main order: video-text, then audio-text, then image-text.
 
     python -m unialign_jax.train --config=configs/comet_vt_at_it.py --workdir=workdirs/comet_vt_at_it
-    python -m unialign_jax.train --config=configs/comet_vt_at_it.py:size=reference --workdir=workdirs/comet_vt_at_it_ref
-    python -m unialign_jax.train --config=configs/comet_vt_at_it.py:pm=false,ewc=false --workdir=workdirs/comet_vt_at_it_ablation
 
-Text is the mediator linking the stages. Arg string (see `configlib.continual_config`):
-`data=synthetic`, `size=small|reference`, `seed=N`, `steps=N` per stage, and the ablation
-switches `pm`, `moe`, `gate`, `ewc`, `sl` (true|false).
+Text mediates between the stages. The arg string (`:size=reference,seed=1,pm=false,...`) is
+documented at `unialign_jax.methods.cmg.config.continual_config`.
 """
 
-from unialign_jax import configlib
+from unialign_jax.methods.cmg import config as cmg_config
 
 
 def get_config(arg=None):
-    return configlib.continual_config(arg, [("video", "text"), ("audio", "text"), ("image", "text")], comet=True)
+    return cmg_config.continual_config(arg, [("video", "text"), ("audio", "text"), ("image", "text")], comet=True)

@@ -1,16 +1,13 @@
-"""Continual cross-modal generalization: video-text, then speech-text, then audio-text (the paper's Ref-YouTube-VOS order).
+"""COMET in the Ref-YouTube-VOS order: video-text, then speech-text, then audio-text.
 
     python -m unialign_jax.train --config=configs/comet_vt_st_at.py --workdir=workdirs/comet_vt_st_at
-    python -m unialign_jax.train --config=configs/comet_vt_st_at.py:size=reference --workdir=workdirs/comet_vt_st_at_ref
-    python -m unialign_jax.train --config=configs/comet_vt_st_at.py:pm=false,ewc=false --workdir=workdirs/comet_vt_st_at_ablation
 
-Text is the mediator linking the stages. Arg string (see `configlib.continual_config`):
-`data=synthetic`, `size=small|reference`, `seed=N`, `steps=N` per stage, and the ablation
-switches `pm`, `moe`, `gate`, `ewc`, `sl` (true|false).
+Text mediates between the stages. The arg string (`:size=reference,seed=1,pm=false,...`) is
+documented at `unialign_jax.methods.cmg.config.continual_config`.
 """
 
-from unialign_jax import configlib
+from unialign_jax.methods.cmg import config as cmg_config
 
 
 def get_config(arg=None):
-    return configlib.continual_config(arg, [("video", "text"), ("speech", "text"), ("audio", "text")], comet=True)
+    return cmg_config.continual_config(arg, [("video", "text"), ("speech", "text"), ("audio", "text")], comet=True)

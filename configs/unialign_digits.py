@@ -2,7 +2,7 @@
 audio, text as the anchor modality.
 
     export UNIALIGN_FSDD_DIR=$PWD/../shared/data/fsdd/recordings   # real spoken digits (else espeak-ng)
-    python -m unialign_jax.teachers --config=configs/unialign_digits.py --workdir=workdirs/unialign_digits
+    python -m unialign_jax.methods.unialign.teachers --config=configs/unialign_digits.py --workdir=workdirs/unialign_digits
     python -m unialign_jax.train --config=configs/unialign_digits.py --workdir=workdirs/unialign_digits
     python -m unialign_jax.evaluate --workdir=workdirs/unialign_digits
     python configs/unialign_digits.py          # trainable / frozen parameter counts by module group
@@ -30,11 +30,10 @@ of the world's text features; the backbone is still MiniLM).
 import ml_collections
 
 from unialign_jax import configlib
-from unialign_jax import unialign_config
+from unialign_jax.methods.unialign import config as unialign_config
 
 MODALITIES = ("image", "video", "audio", "text")
 ENCODED = ("image", "video", "audio")
-SHAPES = {"image": (10, 8), "video": (10, 64), "audio": (10, 40), "text": (10, 384)}
 PROMPTS = {  # one class-name template per dataset: three label sets for soft modality binding
     "image": "a handwritten digit {name}",
     "video": "a video of a handwritten {name}",
@@ -50,7 +49,7 @@ def data_config(name: str) -> ml_collections.ConfigDict:
 
         return digits.default_config()
     if name == "synthetic":
-        return configlib.synthetic_data(MODALITIES, SHAPES, num_train=2000, num_test=500)
+        return configlib.synthetic_data(MODALITIES, configlib.digits_shapes(), num_train=2000, num_test=500)
     raise ValueError(f"data={name!r}: this config supports data=digits or data=synthetic.")
 
 
@@ -58,7 +57,7 @@ def get_config(arg=None):
     arg = unialign_config.parse_ablation_arg(arg, data="digits")
     config = unialign_config.base_config(arg)
     config.model.modalities = MODALITIES
-    config.model.input_shapes = dict(SHAPES)
+    config.model.input_shapes = dict(configlib.digits_shapes())
     config.model.backbone = "bert"
     config.model.backbone_weights = "minilm"
     config.model.transformer = dict(MINILM)
@@ -85,6 +84,6 @@ def get_config(arg=None):
 
 
 if __name__ == "__main__":
-    from unialign_jax import unialign_trainer  # pylint: disable=import-outside-toplevel
+    from unialign_jax.methods.unialign import model  # pylint: disable=import-outside-toplevel
 
-    print(unialign_trainer.parameter_table(get_config()))
+    print(model.parameter_table(get_config()))

@@ -20,7 +20,7 @@ What a real run needs besides this file, none of which ships with the project: t
 (`weights=`), the class-label embeddings of each dataset from CLIP's text tower as an .npz with one
 [C, 512] array per modality (`anchors=`), converted datasets (data source `features`, names below;
 their per-example layouts must be the raw inputs of `model.input_shapes`), and the teachers'
-features in `<workdir>/teachers/<modality>.npz` (`unialign_jax.teachers` describes the format; their
+features in `<workdir>/teachers/<modality>.npz` (`unialign_jax.methods.unialign.teachers` describes the format; their
 widths differ from CLIP's 512, so each file also holds `anchor_features`, the teacher's own embedding
 of every example's anchor view).
 Ablations as in configs/unialign_digits.py (`routing=`, `experts=`, `top_k=`, `soft_bind=`,
@@ -30,7 +30,7 @@ FFN's two linears (LoRAMoE) or beside the FFN (Eq. 7).
 
 import ml_collections
 
-from unialign_jax import unialign_config
+from unialign_jax.methods.unialign import config as unialign_config
 
 MODALITIES = ("image", "video", "audio", "depth", "points", "text")
 ENCODED = ("image", "video", "audio", "depth", "points")
@@ -102,6 +102,6 @@ def get_config(arg=None):
 
 
 if __name__ == "__main__":
-    from unialign_jax import unialign_trainer  # pylint: disable=import-outside-toplevel
+    from unialign_jax.methods.unialign import model  # pylint: disable=import-outside-toplevel
 
-    print(unialign_trainer.parameter_table(get_config()))
+    print(model.parameter_table(get_config()))

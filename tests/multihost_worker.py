@@ -19,7 +19,9 @@ from jax.experimental import multihost_utils  # noqa: E402
 
 from unialign_jax import checkpoint as ckpt_lib  # noqa: E402
 from unialign_jax import parallel  # noqa: E402
-from unialign_jax import trainer  # noqa: E402
+from unialign_jax import loop  # noqa: E402
+from unialign_jax.methods.cmg import model as cmg_model
+from unialign_jax.methods.cmg import step as cmg_step
 
 from tiny import tiny_cmg_config  # noqa: E402
 
@@ -42,7 +44,7 @@ def initial_state(config, stage):
 
     The state's own key stays threefry, whose random bits do not depend on the sharding.
     """
-    state = trainer.fresh_state(config, stage, jax.random.key(config.seed, impl="rbg"))
+    state = cmg_model.fresh_state(config, stage, jax.random.key(config.seed, impl="rbg"))
     return state.replace(rng=jax.random.key(config.seed))
 
 
@@ -50,9 +52,10 @@ def main(workdir: str, data_dir: str) -> None:
     if not parallel.maybe_initialize_distributed():
         raise RuntimeError("multihost_worker.py needs UNIALIGN_COORDINATOR and friends in the environment.")
     config = multihost_config(data_dir)
-    stage = trainer.stage_specs(config)[0]
+    stage = loop.stage_specs(config)[0]
     mesh = parallel.make_mesh(config.mesh)
-    state = trainer.train_stage(config, stage, workdir, mesh, lambda: initial_state(config, stage))
+    state = loop.train_stage(config, stage, workdir, mesh, lambda: initial_state(config, stage),
+                             step_factory=cmg_step.CMGStep, iterator_factory=cmg_model.train_iterator)
 
     other_mesh = parallel.make_mesh([("data", 4)])
     abstract = jax.eval_shape(lambda: state)

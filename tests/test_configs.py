@@ -6,9 +6,9 @@ import pathlib
 import numpy as np
 import pytest
 
-from unialign_jax import configlib
 from unialign_jax import train
 from unialign_jax.data import features, pipeline
+from unialign_jax.methods.cmg import config as cmg_config
 
 from tiny import TINY_SHAPES, tiny_cmg_config
 
@@ -29,7 +29,7 @@ def load(name: str, arg: str | None = None):
 ])
 def test_config_builds_and_validates(name, arg):
     config = load(name, arg)
-    configlib.validate(config, pipeline.dataset_modalities)
+    cmg_config.validate(config, pipeline.dataset_modalities)
     assert config.stages and all(s.steps > 0 for s in config.stages)
 
 

@@ -13,11 +13,11 @@ import pytest
 from flax import traverse_util
 
 from unialign_jax import checkpoint as ckpt_lib
-from unialign_jax import configlib
-from unialign_jax import continual
 from unialign_jax import optim
 from unialign_jax import train
-from unialign_jax import trainer
+from unialign_jax import loop
+from unialign_jax.methods.cmg import config as cmg_config
+from unialign_jax.methods.cmg import continual
 
 from tiny import tiny_continual_config
 
@@ -44,7 +44,7 @@ def finished_run(tmp_path_factory):
 
 def test_two_stage_run_grows_freezes_protects_and_replays(finished_run):
     config, workdir, results = finished_run
-    first, second = trainer.stage_specs(config)
+    first, second = loop.stage_specs(config)
     stage1, meta1 = _final(workdir, first)
     stage2, meta2 = _final(workdir, second)
     assert (meta1["codebook_active"], meta2["codebook_active"]) == (16, 24)
@@ -83,7 +83,7 @@ def test_two_stage_run_grows_freezes_protects_and_replays(finished_run):
 
 def test_resume_across_a_stage_boundary_matches_an_uninterrupted_run(finished_run, tmp_path):
     config, workdir, _ = finished_run
-    second = trainer.stage_specs(config)[1]
+    second = loop.stage_specs(config)[1]
     # Interrupted during stage 2: its last checkpoint is step 4, and stage 1 is finished.
     resumed = str(tmp_path / "resumed")
     shutil.copytree(workdir, resumed)
@@ -101,8 +101,8 @@ def test_ewc_protects_the_adapter_and_optionally_the_mediator_encoder():
               "semantic_encoder_text": {"dense": {"kernel": 4}}, "semantic_encoder_image": {"dense": {"kernel": 5}}}
     pairs = [("video", "text"), ("image", "text")]
     for arg, extra in (("", []), ("ewc_mediator=true,ewc_lambda=1e4", ["semantic_encoder_text/dense/kernel"])):
-        config = configlib.continual_config(arg, pairs, comet=True)
-        stage = trainer.stage_specs(config)[0]  # video-text: the image layers are not activated
+        config = cmg_config.continual_config(arg, pairs, comet=True)
+        stage = loop.stage_specs(config)[0]  # video-text: the image layers are not activated
         protected = _flat(optim.split_params(params, continual.ewc_patterns(config, stage))[0])
         assert sorted(protected) == ["adapter/common/kernel", "adapter/specific_text/kernel", *extra]
     assert config.continual.ewc_strength == 1e4

@@ -12,7 +12,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 from unialign_jax import files
 from unialign_jax import report
 from unialign_jax import train
-from unialign_jax import trainer
+from unialign_jax import loop
 
 from tiny import tiny_cmg_config
 
@@ -63,7 +63,7 @@ def test_workdir_config_summary_plot_and_progress_on_gs(fake_gcs):
     png = report.plot_code_usage(fake_gcs / "results" / "codes.png", np.ones((4, 2), int), ("audio", "text"))
     assert png.read_bytes()[:4] == b"\x89PNG"
 
-    progress = trainer.ProgressLog(str(fake_gcs), trainer.stage_specs(config)[0], first_step=0)
+    progress = loop.ProgressLog(str(fake_gcs), loop.stage_specs(config)[0], first_step=0)
     progress.write(2, {"loss/total": 1.5})
     progress.write(4, {"loss/total": 1.0})
     lines = [json.loads(line) for line in (fake_gcs / "metrics.jsonl").read_text().splitlines()]

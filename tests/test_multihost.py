@@ -16,8 +16,9 @@ import numpy as np
 
 from unialign_jax import checkpoint as ckpt_lib
 from unialign_jax import parallel
-from unialign_jax import trainer
+from unialign_jax import loop
 from unialign_jax.data import pipeline
+from unialign_jax.methods.cmg import step as cmg_step
 
 from multihost_worker import initial_state, multihost_config
 
@@ -49,7 +50,7 @@ def _launch(workdir: str, data_dir: str) -> list[subprocess.Popen]:
 
 def _one_device_reference(config):
     """The stage's final params on one device, fed the two processes' shards concatenated."""
-    stage = trainer.stage_specs(config)[0]
+    stage = loop.stage_specs(config)[0]
     mesh = parallel.make_mesh([("data", 1)], jax.devices()[:1])
     shards = [pipeline.make_train_iterator(stage.data, modalities=stage.modalities, batch_size=config.batch_size,
                                            seed=config.seed + stage.index, process_index=i, process_count=2)
@@ -57,8 +58,8 @@ def _one_device_reference(config):
     with jax.default_device(jax.devices()[0]):
         state = initial_state(config, stage)
     abstract = jax.eval_shape(lambda: state)
-    shardings = trainer.state_shardings(abstract, mesh, [])
-    step_fn = trainer.StepFunction(config, stage, mesh, abstract, shardings)
+    shardings = loop.state_shardings(abstract, mesh, [])
+    step_fn = cmg_step.CMGStep(config, stage, mesh, abstract, shardings)
     state = jax.device_put(state, shardings)
     for _ in range(stage.steps):
         pieces = [next(shard) for shard in shards]
@@ -81,7 +82,7 @@ def test_two_processes_train_checkpoint_and_restore(tmp_path):
     for index, (process, output) in enumerate(zip(processes, outputs)):
         assert process.returncode == 0 and f"OK {index}" in output, output[-3000:]
 
-    stage = trainer.stage_specs(config)[0]
+    stage = loop.stage_specs(config)[0]
     checkpointer = ckpt_lib.StageCheckpointer(os.path.join(workdir, stage.folder))
     assert checkpointer.latest_step() == stage.steps
     stored, meta = checkpointer.restore_state()

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
-from unialign_jax import bench
 from unialign_jax import checkpoint as ckpt_lib
 from unialign_jax import parallel
-from unialign_jax import trainer
+from unialign_jax import loop
+from unialign_jax import methods
+from unialign_jax.nn import moe
 
 from tiny import tiny_cmg_config
 from tiny_unialign import tiny_unialign_config
@@ -43,9 +44,9 @@ def _host_initial_state(config):
     RngBitGenerator keys compile much faster than threefry; the step keeps a threefry key, whose
     random bits do not depend on the sharding.
     """
-    init, _, _ = bench.step_parts(config, trainer.stage_specs(config)[0])
+    stage = loop.stage_specs(config)[0]
     with jax.default_device(jax.devices()[0]):
-        state = init(jax.random.key(0, impl="rbg"))
+        state = methods.for_config(config).random_state(config, stage, jax.random.key(0, impl="rbg"))
         return jax.device_get(state.replace(rng=jax.random.key_data(jax.random.key(1))))
 
 
@@ -58,20 +59,20 @@ def _on_mesh(host_state, mesh, rules):
     """(state placed by `rules` on `mesh`, its abstract state, its shardings)."""
     state = host_state.replace(rng=jax.random.wrap_key_data(host_state.rng))
     abstract = jax.eval_shape(lambda: state)
-    shardings = trainer.state_shardings(abstract, mesh, rules)
+    shardings = loop.state_shardings(abstract, mesh, rules)
     return jax.device_put(state, shardings), abstract, shardings
 
 
 def _train(config, mesh, host_state):
     """(final state, per-step total losses) of STEPS steps of the config's method on fixed random
     batches, on `mesh`."""
-    stage = trainer.stage_specs(config)[0]
-    _, step_class, host_batch = bench.step_parts(config, stage)
+    stage = loop.stage_specs(config)[0]
+    method = methods.for_config(config)
     state, abstract, shardings = _on_mesh(host_state, mesh, config.sharding_rules)
-    step_fn = step_class(config, stage, mesh, abstract, shardings)
+    step_fn = method.step(config, stage, mesh, abstract, shardings)
     losses = []
     for index in range(STEPS):
-        batch = parallel.global_batch(host_batch(index), mesh)
+        batch = parallel.global_batch(method.random_batch(config, stage, index), mesh)
         state, metrics = step_fn(state, batch)
         losses.append(float(metrics["loss/total"]))
     return state, losses
@@ -102,7 +103,7 @@ def test_rule_table_first_match_fsdp_expert_and_errors():
                    "dense": {"kernel": np.zeros((6, 10)), "bias": np.zeros((3,))}},
         "quantizer": {"embedding": np.zeros((32, 16))},
     }
-    rules = [*parallel.EXPERT_RULES, *parallel.FSDP_RULES]
+    rules = [*moe.EXPERT_RULES, *parallel.FSDP_RULES]
     specs = jax.tree.map(lambda s: s.spec, parallel.tree_shardings(tree, mesh, rules))
     assert specs["params"]["adapter"]["common"]["kernel"] == P("expert")  # first match wins over FSDP
     assert specs["params"]["adapter"]["common"]["bias"] == P("expert")
@@ -124,7 +125,7 @@ SHARDINGS = pytest.mark.parametrize(
         # Data parallel: the batch over 8 devices, every parameter replicated.
         ((("data", 8),), ()),
         # Experts over `expert`, everything else FSDP over `fsdp`, the batch over all three axes.
-        ((("data", 2), ("fsdp", 2), ("expert", 2)), parallel.EXPERT_RULES + parallel.FSDP_RULES),
+        ((("data", 2), ("fsdp", 2), ("expert", 2)), moe.EXPERT_RULES + parallel.FSDP_RULES),
     ],
     ids=["data", "data+fsdp+expert"],
 )
@@ -163,9 +164,9 @@ def test_restore_onto_a_different_mesh(initial_state, tmp_path):
     checkpointer.wait()
 
     config.mesh = (("data", 2), ("fsdp", 2), ("expert", 2))
-    config.sharding_rules = parallel.EXPERT_RULES + parallel.FSDP_RULES
+    config.sharding_rules = moe.EXPERT_RULES + parallel.FSDP_RULES
     new_mesh = parallel.make_mesh(config.mesh)
-    shardings = trainer.state_shardings(abstract, new_mesh, config.sharding_rules)
+    shardings = loop.state_shardings(abstract, new_mesh, config.sharding_rules)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     restored, meta = checkpointer.restore(1, target, None)
     checkpointer.close()

@@ -29,7 +29,7 @@ def _stages():
         "routing/audio/expert_0": 0.25,
         "routing/audio/expert_1": 0.75,
         "forgetting/classification/video->text": -0.1,
-        "loss/total": float("nan"),
+        "loss/total": 2.5,
     }
     return [
         {"name": "video_text", "modalities": ["video", "text"], "metrics": stage_1},
@@ -62,6 +62,14 @@ def test_pair_rows_mark_seen_and_convert_to_percent():
     ]
 
 
+def test_write_summary_refuses_non_finite_metrics_and_writes_nothing(tmp_path):
+    stages = _stages()
+    stages[1]["metrics"]["loss/total"] = float("nan")
+    with pytest.raises(ValueError, match="'loss/total' is nan"):
+        report.write_summary(tmp_path / "results", stages)
+    assert not (tmp_path / "results").exists()
+
+
 def test_write_summary_exact_json_schema_and_markdown(tmp_path):
     json_path, md_path = report.write_summary(tmp_path / "results", _stages())
     summary = json.loads(json_path.read_text())
@@ -70,7 +78,7 @@ def test_write_summary_exact_json_schema_and_markdown(tmp_path):
     first, second = summary["stages"]
     assert first["name"] == "video_text" and first["modalities"] == ["video", "text"]
     assert first["metrics"]["classification/text->video"] == 0.25 and first["metrics"]["codebook/active"] == 8
-    assert second["metrics"]["loss/total"] is None  # NaN is not JSON: written as null
+    assert second["metrics"]["forgetting/classification/video->text"] == -0.1
     assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["summary.json", "summary.md"]
 
     markdown = md_path.read_text()
@@ -85,7 +93,7 @@ def test_write_summary_exact_json_schema_and_markdown(tmp_path):
     ) in markdown
     assert "Routing load (% per expert): audio 25.00 / 75.00" in markdown
     assert "| classification/video->text |               -10.00 |" in markdown
-    assert "| loss/total |     - |" in markdown
+    assert "| loss/total |  2.50 |" in markdown
 
 
 def test_write_summary_validates_before_writing(tmp_path):

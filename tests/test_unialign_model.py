@@ -11,8 +11,6 @@ import pytest
 from flax import traverse_util
 
 from unialign_jax import optim
-from unialign_jax import unialign_config
-from unialign_jax import unialign_trainer
 from unialign_jax.nn.transformer import BertTextEncoder, Encoder, TransformerConfig, mean_pool
 from unialign_jax.nn.unialign import (
     TokenizerSpec,
@@ -22,6 +20,8 @@ from unialign_jax.nn.unialign import (
     pretrained_bert_params,
 )
 from unialign_jax.nn import weights as weights_lib
+from unialign_jax.methods.unialign import config as ua_config
+from unialign_jax.methods.unialign import model as ua_model
 
 from tiny_unialign import tiny_unialign_config
 
@@ -77,7 +77,7 @@ def test_routing_is_per_modality_and_sown_for_every_adapter():
 
 def test_freezing_table_and_groups_cover_every_parameter(tmp_path):
     config = tiny_unialign_config(str(tmp_path))
-    params = jax.eval_shape(functools.partial(unialign_trainer.init_params, config), jax.random.key(0))
+    params = jax.eval_shape(functools.partial(ua_model.init_params, config), jax.random.key(0))
     frozen, trainable = optim.split_params(params, config.frozen_patterns)
     frozen_paths = set(traverse_util.flatten_dict(frozen, sep="/"))
     assert frozen_paths and all(p.startswith("backbone/") and "adapter" not in p for p in frozen_paths)
@@ -90,17 +90,17 @@ def test_freezing_table_and_groups_cover_every_parameter(tmp_path):
 def test_validation_names_the_field(tmp_path):
     config = tiny_unialign_config(str(tmp_path))
     config.batch_size = 30
-    with pytest.raises(unialign_config.ConfigError, match="batch_size=30"):
-        unialign_config.validate(config, lambda data: ("image", "audio", "text"))
+    with pytest.raises(ua_config.ConfigError, match="batch_size=30"):
+        ua_config.validate(config, lambda data: ("image", "audio", "text"))
     config = tiny_unialign_config(str(tmp_path))
-    with pytest.raises(unialign_config.ConfigError, match=r"stages\[0\].data.image.*\['text'\]"):
-        unialign_config.validate(config, lambda data: ("image", "audio"))
+    with pytest.raises(ua_config.ConfigError, match=r"stages\[0\].data.image.*\['text'\]"):
+        ua_config.validate(config, lambda data: ("image", "audio"))
 
 
 def test_vitb_config_builds_abstractly_and_reports_its_parameter_count():
     vitb = _load_config("unialign_vitb")
     config = vitb.get_config()
-    counts = unialign_trainer.parameter_counts(config)  # jax.eval_shape: no weights needed
+    counts = ua_model.parameter_counts(config)  # jax.eval_shape: no weights needed
     width, layers, mlp = 768, 12, 3072
     groups, experts, rank = 5, 2, 4  # image, video, audio, depth, points
     lora = rank * (width + mlp) * 2  # one expert on fc1 (768 -> 3072) and one on fc2 (3072 -> 768)
@@ -110,7 +110,7 @@ def test_vitb_config_builds_abstractly_and_reports_its_parameter_count():
     assert counts["frozen"] == 86_191_872
     trainable = sum(v for k, v in counts.items() if k != "frozen")
     assert 5e6 < trainable < 12e6
-    table = unialign_trainer.parameter_table(config)
+    table = ua_model.parameter_table(config)
     assert "trainable total" in table and f"{trainable:,d}" in table
-    parallel = unialign_trainer.parameter_counts(vitb.get_config("placement=parallel"))
+    parallel = ua_model.parameter_counts(vitb.get_config("placement=parallel"))
     assert parallel["adapters"] == layers * (groups * experts * rank * width * 2 + width * experts * groups)

@@ -12,7 +12,7 @@ import pytest
 from unialign_jax import checkpoint as ckpt_lib
 from unialign_jax import evaluate
 from unialign_jax import train
-from unialign_jax import trainer
+from unialign_jax import loop
 
 from tiny_unialign import tiny_unialign_config
 
@@ -21,7 +21,7 @@ def test_train_and_evaluate_cli_on_a_tiny_run(tmp_path, capsys):
     config = tiny_unialign_config(str(tmp_path / "data"), steps=2)
     config.teachers.auto_train = False
     workdir = str(tmp_path / "run")
-    with pytest.raises(FileNotFoundError, match="python -m unialign_jax.teachers"):
+    with pytest.raises(FileNotFoundError, match="python -m unialign_jax.methods.unialign.teachers"):
         train.run(config, workdir)
     assert not os.path.exists(workdir)  # refused before anything was written
     config = tiny_unialign_config(str(tmp_path / "data"), steps=4, model_distil=False)
@@ -34,13 +34,13 @@ def test_train_and_evaluate_cli_on_a_tiny_run(tmp_path, capsys):
     summary = json.load(open(os.path.join(workdir, "results", "summary.json")))
     assert summary["stages"][0]["metrics"] == pytest.approx(metrics)
     assert "never paired" in capsys.readouterr().out
-    meta = ckpt_lib.StageCheckpointer(os.path.join(workdir, trainer.stage_specs(config)[0].folder)).read_meta()
+    meta = ckpt_lib.StageCheckpointer(os.path.join(workdir, loop.stage_specs(config)[0].folder)).read_meta()
     assert meta["finished"] and "codebook_active" not in meta
     (again,) = evaluate.evaluate_workdir(workdir)
     assert again["metrics"] == pytest.approx(metrics)
 
     # Interrupted after step 2 (drop the final checkpoint): re-running resumes to the same parameters.
-    stage_dir = os.path.join(workdir, trainer.stage_specs(config)[0].folder)
+    stage_dir = os.path.join(workdir, loop.stage_specs(config)[0].folder)
     final, _ = ckpt_lib.StageCheckpointer(stage_dir).restore_state()
     shutil.rmtree(os.path.join(stage_dir, "4"))
     train.run(config, workdir)

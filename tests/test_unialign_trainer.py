@@ -7,16 +7,18 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from unialign_jax import anchors as anchors_lib
 from unialign_jax import optim
 from unialign_jax import parallel
-from unialign_jax import teachers
-from unialign_jax import trainer
-from unialign_jax import unialign_trainer
+from unialign_jax import loop
 from unialign_jax.data import mixed
 from unialign_jax.data import pipeline
 from unialign_jax.losses import unialign as unialign_losses
 from unialign_jax.losses.contrastive import info_nce, l2_normalize
+from unialign_jax.methods.unialign import label_embeddings
+from unialign_jax.methods.unialign import method as ua_method
+from unialign_jax.methods.unialign import model as ua_model
+from unialign_jax.methods.unialign import step as ua_step
+from unialign_jax.methods.unialign import teachers
 
 from tiny_unialign import tiny_unialign_config
 
@@ -26,13 +28,14 @@ def setup(tmp_path_factory):
     """A tiny config, its state, step and two mixed batches (teachers trained into a temporary workdir)."""
     workdir = str(tmp_path_factory.mktemp("run"))
     config = tiny_unialign_config(str(tmp_path_factory.mktemp("data")))
-    (stage,) = trainer.stage_specs(config)
+    (stage,) = loop.stage_specs(config)
     mesh = parallel.make_mesh(config.mesh)
-    state = unialign_trainer.fresh_state(config, stage, workdir)
+    state = ua_model.fresh_state(config, stage)
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
-    shardings = trainer.state_shardings(abstract, mesh, config.sharding_rules)
-    step = unialign_trainer.UniAlignStep(config, stage, mesh, abstract, shardings)
-    iterator = unialign_trainer.make_train_iterator(config, stage, workdir)
+    shardings = loop.state_shardings(abstract, mesh, config.sharding_rules)
+    step = ua_step.UniAlignStep(config, stage, mesh, abstract, shardings)
+    ua_method.METHOD.prepare(config, workdir)
+    iterator = ua_method.train_iterator(config, stage, workdir)
     batches = [parallel.global_batch(next(iterator), mesh) for _ in range(3)]
     return config, stage, mesh, shardings, state, step, batches
 
@@ -103,7 +106,7 @@ def test_modality_loss_is_eq16_of_the_pure_losses(setup):
         total, metrics = step.modality_loss(state.params, state, fields, "image")
         outputs = step.model.apply({"params": optim.merge_params(state.params, state.frozen)}, fields["inputs"], "image")
         classes = state.carry["label_embeddings"]
-        caption = anchors_lib.pool_text(fields["text"])
+        caption = label_embeddings.pool_text(fields["text"])
         label_anchor = classes["image"][fields["label"]]
         expected = {
             "nce": info_nce(outputs["embedding"], caption, outputs["log_logit_scale"])[0],
@@ -126,14 +129,14 @@ def test_modality_loss_is_eq16_of_the_pure_losses(setup):
 def test_loss_switches_remove_their_terms(tmp_path):
     config = tiny_unialign_config(str(tmp_path / "data"), soft_bind=False, anchor_distil=False, model_distil=False)
     config.loss.nce_anchor = "label"
-    (stage,) = trainer.stage_specs(config)
-    state = unialign_trainer.fresh_state(config, stage, str(tmp_path))
+    (stage,) = loop.stage_specs(config)
+    state = ua_model.fresh_state(config, stage)
     assert not any(path.startswith("distill_head_") for path in _flat(state.params))
-    batch = next(unialign_trainer.make_train_iterator(config, stage, str(tmp_path)))
+    batch = next(ua_method.train_iterator(config, stage, str(tmp_path)))
     assert set(batch) == {"image/inputs", "image/label", "audio/inputs", "audio/label"}  # no captions, no teacher
     mesh = parallel.make_mesh(config.mesh)
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
-    step = unialign_trainer.UniAlignStep(config, stage, mesh, abstract, trainer.state_shardings(abstract, mesh, []))
+    step = ua_step.UniAlignStep(config, stage, mesh, abstract, loop.state_shardings(abstract, mesh, []))
     fields = {k.split("/")[1]: v for k, v in batch.items() if k.startswith("audio/")}
     total, metrics = jax.jit(step.modality_loss, static_argnums=3)(state.params, state, fields, "audio")
     assert set(metrics) & set(unialign_losses.UNIALIGN_LOSS_TERMS) == {"nce"}
@@ -167,7 +170,7 @@ def test_an_external_teacher_wider_than_the_anchor_needs_and_gets_its_anchor_fea
     hold the teacher's anchor embeddings, which reach the step as `teacher_anchor`."""
     config = tiny_unialign_config(str(tmp_path / "data"))
     config.teachers.dims = {"image": 24}
-    (stage,) = trainer.stage_specs(config)
+    (stage,) = loop.stage_specs(config)
     num_train = len(pipeline.build_source(config.stages[0].data["image"], "train"))
     directory = teachers.teacher_dir(config, str(tmp_path))
     directory.mkdir(parents=True)
@@ -177,13 +180,13 @@ def test_an_external_teacher_wider_than_the_anchor_needs_and_gets_its_anchor_fea
     with pytest.raises(ValueError, match="24-d but the anchor is 16-d: the file must also hold `anchor_features`"):
         teachers.load_teachers(config, str(tmp_path))
     np.savez(directory / "image.npz", **stored, anchor_features=np.ones((num_train, 24), np.float32))
-    batch = next(unialign_trainer.make_train_iterator(config, stage, str(tmp_path)))
+    batch = next(ua_method.train_iterator(config, stage, str(tmp_path)))
     assert batch["image/teacher"].shape == batch["image/teacher_anchor"].shape == (16, 24)
-    assert set(batch) == set(unialign_trainer.random_batch(config, num_classes=10))
+    assert set(batch) == set(ua_model.random_batch(config, num_classes=10))
 
-    state = unialign_trainer.fresh_state(config, stage, str(tmp_path))
+    state = ua_model.fresh_state(config, stage)
     mesh = parallel.make_mesh(config.mesh)
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
-    step = unialign_trainer.UniAlignStep(config, stage, mesh, abstract, trainer.state_shardings(abstract, mesh, []))
+    step = ua_step.UniAlignStep(config, stage, mesh, abstract, loop.state_shardings(abstract, mesh, []))
     _, metrics = step(state, parallel.global_batch(batch, mesh))
     assert np.isfinite(float(metrics["image/model_distil"])) and float(metrics["image/feature_mse"]) > 0

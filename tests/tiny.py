@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from unialign_jax import configlib
+from unialign_jax.methods.cmg import config as cmg_config
 
 TINY_SHAPES = {"video": (6, 5, 5, 8), "audio": (6, 12), "text": (6, 16), "image": (6, 10)}
 
 
 def tiny_cmg_config(data_dir: str, modalities=("audio", "text"), steps: int = 8, seed: int = 0):
     """A one-stage CMG config with a 16-dim model and a small synthetic world in `data_dir`."""
-    config = configlib.cmg_config(size="small", modalities=modalities)
+    config = cmg_config.cmg_config(size="small", modalities=modalities)
     config.batch_size = 16
     config.log_every = 4
     config.checkpoint.every = 4

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from unialign_jax import configlib
-from unialign_jax import unialign_config
+from unialign_jax.methods.unialign import config as ua_config
 
 SHAPES = {"image": (4, 6), "audio": (4, 5), "text": (4, 16)}
 
 
 def tiny_unialign_config(data_dir: str, *, steps: int = 3, accumulation_steps: int = 2, micro_batch: int = 8, **switches):
     """image + audio encoded, text the anchor; `switches` as the arg string (e.g. soft_bind=False)."""
-    arg = unialign_config.parse_ablation_arg(",".join(f"{k}={v}" for k, v in switches.items()))
-    config = unialign_config.base_config(arg)
+    arg = ua_config.parse_ablation_arg(",".join(f"{k}={v}" for k, v in switches.items()))
+    config = ua_config.base_config(arg)
     config.model.modalities = ("image", "audio", "text")
     config.model.input_shapes = dict(SHAPES)
     config.model.backbone = "bert"
@@ -36,7 +36,7 @@ def tiny_unialign_config(data_dir: str, *, steps: int = 3, accumulation_steps: i
     data = configlib.synthetic_data(("image", "audio", "text"), SHAPES, num_train=64, num_test=32)
     data.data_dir = data_dir
     datasets = {"image": data, "audio": data}
-    config.stages = [unialign_config.unialign_stage("unialign", config.model.modalities, datasets, steps=steps)]
+    config.stages = [ua_config.unialign_stage("unialign", config.model.modalities, datasets, steps=steps)]
     config.eval.data = dict(datasets)
     config.eval.batch_size = 16
     return config

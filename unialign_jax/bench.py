@@ -54,16 +54,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from unialign_jax import optim
+from unialign_jax import loop
+from unialign_jax import methods
 from unialign_jax import parallel
-from unialign_jax import trainer
-from unialign_jax import unialign_config
-from unialign_jax import unialign_trainer
-from unialign_jax.losses.contrastive import l2_normalize
 
 # Dense bf16 peak FLOP/s per chip from vendor datasheets (no sparsity).
 DATASHEET_PEAK_FLOPS = {
@@ -100,18 +96,6 @@ def peak_flops(devices: list) -> tuple[float, str]:
     if device.platform == "cpu":
         return measured_matmul_peak(), "measured fp32 2048x2048 matmul (host)"
     raise ValueError(f"No peak FLOP/s known for {device.device_kind!r}; add it to DATASHEET_PEAK_FLOPS.")
-
-
-def random_batch(config, modalities, batch_size: int, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    batch = {
-        m: rng.standard_normal((batch_size, *config.model.input_shapes[m])).astype(np.float32)
-        for m in modalities
-    }
-    seq_len = config.model.input_shapes[modalities[0]][0]
-    batch["label"] = rng.integers(0, 10, (batch_size,)).astype(np.int32)
-    batch["step_labels"] = rng.integers(0, 10, (batch_size, seq_len)).astype(np.int32)
-    return batch
 
 
 # -- FLOPs from the optimised HLO -----------------------------------------------------------------
@@ -198,56 +182,20 @@ def hlo_flops(hlo_text: str) -> float:
 # -- the step ---------------------------------------------------------------------------------------
 
 
-BENCH_CLASSES = 10  # UniAlign: classes of the random labels and class-label embeddings
-
-
-def step_parts(config, stage) -> tuple[Any, type, Any]:
-    """(key -> initial state with random weights, step class, seed -> host batch) of a config's method."""
-    if config.get("method", "cmg") != "unialign":
-        return (lambda key: trainer.fresh_state(config, stage, key), trainer.StepFunction,
-                lambda seed: random_batch(config, stage.modalities, config.batch_size, seed))
-    anchor_dim = config.model.input_shapes[config.model.anchor][-1]
-
-    def init(key):
-        init_key, label_key, state_key = jax.random.split(key, 3)
-        params = unialign_trainer.init_params(config, init_key)
-        labels = {m: l2_normalize(jax.random.normal(jax.random.fold_in(label_key, i), (BENCH_CLASSES, anchor_dim)))
-                  for i, m in enumerate(unialign_config.encoded_modalities(config))}
-        return unialign_trainer.initial_state(config, stage, params, labels, state_key)
-
-    return (init, unialign_trainer.UniAlignStep,
-            lambda seed: unialign_trainer.random_batch(config, BENCH_CLASSES, seed))
-
-
-def tokens_per_step(config, stage, abstract_state) -> int:
-    """Tokens the step encodes: CMG, batch x time steps x modalities; UniAlign, per encoded modality
-    its rows x the tokens its tokenizer makes."""
-    if config.get("method", "cmg") != "unialign":
-        return config.batch_size * config.model.input_shapes[stage.modalities[0]][0] * len(stage.modalities)
-    model = unialign_trainer.build_model(config)
-    params = optim.merge_params(abstract_state.params, abstract_state.frozen)
-    total = 0
-    for modality, rows in unialign_config.rows_per_update(config).items():
-        inputs = jax.ShapeDtypeStruct((1, *config.model.input_shapes[modality]), jnp.float32)
-        tokens = jax.eval_shape(lambda p, x, m=modality: model.apply({"params": p}, x, m, method="tokens"),
-                                params, inputs)
-        total += rows * tokens.shape[1]
-    return total
-
-
-def build_step(config, stage_index: int, mesh) -> tuple[trainer.JittedStep, Any, Any, Any]:
+def build_step(config, stage_index: int, mesh) -> tuple[loop.JittedStep, Any, Any, Any]:
     """(step function, abstract state with shardings, abstract batch with sharding, stage)."""
-    stage = trainer.stage_specs(config)[stage_index]
-    init, step_class, host_batch = step_parts(config, stage)
-    abstract = jax.eval_shape(lambda: init(jax.random.key(config.seed)))
-    shardings = trainer.state_shardings(abstract, mesh, config.sharding_rules)
-    step_fn = step_class(config, stage, mesh, abstract, shardings)
+    method = methods.for_config(config)
+    stage = loop.stage_specs(config)[stage_index]
+    abstract = jax.eval_shape(lambda: method.random_state(config, stage, jax.random.key(config.seed)))
+    shardings = loop.state_shardings(abstract, mesh, config.sharding_rules)
+    step_fn = method.step(config, stage, mesh, abstract, shardings)
     abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
     batch_sharding = parallel.batch_sharding(mesh)
     abstract_batch = {
-        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding) for k, v in host_batch(0).items()
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
+        for k, v in method.random_batch(config, stage, 0).items()
     }
     return step_fn, abstract_state, abstract_batch, stage
 
@@ -303,11 +251,12 @@ def benchmark(config, stage_index: int = 0, steps: int = 10, warmup: int = 2,
     mesh = parallel.make_mesh(config.mesh, devices)
     devices = list(mesh.devices.flat)
     peak_before, _ = peak_flops(devices)
+    method = methods.for_config(config)
     step_fn, abstract_state, abstract_batch, stage = build_step(config, stage_index, mesh)
-    init, _, host_batch = step_parts(config, stage)
     out_shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
-    state = jax.jit(lambda: init(jax.random.key(config.seed)), out_shardings=out_shardings)()
-    batch = parallel.global_batch(host_batch(0), mesh)
+    state = jax.jit(lambda: method.random_state(config, stage, jax.random.key(config.seed)),
+                    out_shardings=out_shardings)()
+    batch = parallel.global_batch(method.random_batch(config, stage, 0), mesh)
 
     start = time.perf_counter()
     compiled = step_fn.lower(abstract_state, abstract_batch).compile()
@@ -330,7 +279,7 @@ def benchmark(config, stage_index: int = 0, steps: int = 10, warmup: int = 2,
     peak, peak_source = peak_flops(devices)
     peak = max(peak, peak_before)  # a busy host lowers a measured peak: keep the better measurement
     flops_per_step = flops["flops_per_device"] * mesh.size
-    tokens = tokens_per_step(config, stage, abstract_state)
+    tokens = method.tokens_per_step(config, stage, abstract_state)
     stats = devices[0].memory_stats() or {}
     result = {
         **_describe(config, stage, mesh, label),

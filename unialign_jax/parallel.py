@@ -21,7 +21,8 @@ path; leaves no rule matches are replicated. A spec is
   lacks are dropped, so one rule table serves every mesh; or
 - `FSDP` ("fsdp"): the largest dimension divisible by the `fsdp` axis size is sharded over it
   (replicated if none is, or if the mesh has no `fsdp` axis).
-`FSDP_RULES` and `EXPERT_RULES` are ready-made tables (`EXPERT_RULES + FSDP_RULES` combines them).
+`FSDP_RULES` is a ready-made table; model-specific tables live beside their models (`nn.moe.EXPERT_RULES`;
+`nn.moe.EXPERT_RULES + FSDP_RULES` combines them).
 Both fields are tuples so that the command line can set them, e.g.
 `--config.mesh="(('data', 2), ('fsdp', 4))"`
 `--config.sharding_rules="(('^(params|frozen|opt_state|carry)/', 'fsdp'),)"`.
@@ -54,13 +55,6 @@ Rule = tuple[str, Any]
 
 # Parameters, frozen parameters, their optimizer moments and EWC anchors/Fisher, all FSDP.
 FSDP_RULES: tuple[Rule, ...] = ((r"^(params|frozen|opt_state|carry)/", FSDP),)
-# Stacked experts on the expert axis: the COMET CMoE-Adapter's ([U, D, F] kernels, [U, F] biases) and
-# UniAlign's MoE-LoRA banks ([G, n, ..] LoRA factors; [L, G, n, ..] under `scan_layers`).
-EXPERT_RULES: tuple[Rule, ...] = (
-    (r"adapter/(common|specific_[a-z]+)/(kernel|bias)$", ("expert",)),
-    (r"/layers/.*/experts/lora_[ab]$", (None, None, "expert")),
-    (r"/experts/lora_[ab]$", (None, "expert")),
-)
 
 
 def maybe_initialize_distributed() -> bool:

@@ -103,8 +103,8 @@ def pair_rows(
 # Summary files.
 
 
-def _json_number(key: str, value: object) -> float | int | None:
-    """A metric as a JSON number: ints stay ints, non-finite floats become null."""
+def _json_number(key: str, value: object) -> float | int:
+    """A metric as a JSON number: ints stay ints; a non-finite float is refused."""
     if isinstance(value, (bool, np.bool_)):
         raise ValueError(f"metric {key!r} is a boolean, expected a number")
     if isinstance(value, (int, np.integer)):
@@ -113,7 +113,9 @@ def _json_number(key: str, value: object) -> float | int | None:
         number = float(value)
     except (TypeError, ValueError):
         raise ValueError(f"metric {key!r} = {value!r} is not a number") from None
-    return number if math.isfinite(number) else None
+    if not math.isfinite(number):
+        raise ValueError(f"metric {key!r} is {number}: results must be finite")
+    return number
 
 
 def _normalise_stage(index: int, stage: Mapping[str, object]) -> dict[str, object]:
@@ -182,24 +184,38 @@ def _stage_markdown(index: int, stage: Mapping[str, object], trained_modalities:
     return "\n".join(lines)
 
 
-def write_summary(results_dir: epath.PathLike, stages: Sequence[Mapping[str, object]]
-                  ) -> tuple[epath.Path, epath.Path]:
-    """Writes `summary.json` and `summary.md` for all stages so far into `results_dir`.
-
-    stages: [{'name': str, 'modalities': [str] (the modalities trained in that stage), 'metrics':
-    {key: number}}], oldest first. A pair is marked 'seen' in stage i when both its modalities were
-    trained together in some stage <= i. The JSON is exactly
-    {"stages": [{"name", "modalities", "metrics"}]}; non-finite metrics are written as null.
-    Everything is validated and rendered before anything is written. Returns (json path, md path).
-    """
+def stages_markdown(stages: Sequence[Mapping[str, object]]) -> str:
+    """The default `summary.md`: per stage, the pair table, codebook, routing and forgetting."""
     normalised = [_normalise_stage(i, stage) for i, stage in enumerate(stages)]
-    summary_json = json.dumps({"stages": normalised}, indent=2, allow_nan=False) + "\n"
     sections = [
         _stage_markdown(i, stage, [s["modalities"] for s in normalised[: i + 1]])
         for i, stage in enumerate(normalised)
     ]
     preamble = ["# Results", "", "Rates in %; seen = trained together in some stage so far.", ""]
-    summary_md = "\n".join(preamble + sections)
+    return "\n".join(preamble + sections)
+
+
+def read_summary(results_dir: epath.PathLike) -> list[dict]:
+    """The stages of `summary.json` in `results_dir` (`write_summary`'s schema), [] if there is none."""
+    path = epath.Path(results_dir) / "summary.json"
+    return list(files.read_json(path)["stages"]) if path.exists() else []
+
+
+def write_summary(results_dir: epath.PathLike, stages: Sequence[Mapping[str, object]],
+                  markdown: str | None = None) -> tuple[epath.Path, epath.Path]:
+    """Writes `summary.json` and `summary.md` for all stages so far into `results_dir`: the one
+    writer of a workdir's results.
+
+    stages: [{'name': str, 'modalities': [str] (the modalities trained in that stage), 'metrics':
+    {key: number}}], oldest first. A pair is marked 'seen' in stage i when both its modalities were
+    trained together in some stage <= i. The JSON is exactly
+    {"stages": [{"name", "modalities", "metrics"}]}; a non-finite metric is refused (ValueError
+    naming it). `markdown` is the method's `summary.md` (default: `stages_markdown`). Everything is
+    validated and rendered before anything is written. Returns (json path, md path).
+    """
+    normalised = [_normalise_stage(i, stage) for i, stage in enumerate(stages)]
+    summary_json = json.dumps({"stages": normalised}, indent=2, allow_nan=False) + "\n"
+    summary_md = stages_markdown(normalised) if markdown is None else markdown
     results_dir = epath.Path(results_dir)
     return (files.write_atomic(results_dir / "summary.json", summary_json),
             files.write_atomic(results_dir / "summary.md", summary_md))

@@ -4,14 +4,13 @@
     python -m unialign_jax.train --config=configs/cmg_avt.py:size=reference --workdir=workdirs/cmg \
         --config.stages[0].steps=200
 
-Re-running the same command resumes: finished stages are skipped, an interrupted stage continues
-from its last checkpoint. After each stage the model is evaluated (cross-modal classification and
-localisation, retrieval, codebook usage, forgetting) into `workdir/results/`.
+Re-running the same command resumes: finished stages that were evaluated are skipped without
+loading anything, an interrupted stage continues from its last checkpoint. After each stage the
+method evaluates the model into `workdir/results/` (`report.write_summary`).
 """
 
 from __future__ import annotations
 
-import functools
 import json
 
 import ml_collections
@@ -19,30 +18,26 @@ from absl import app, flags
 from etils import epath
 from ml_collections import config_flags
 
-from unialign_jax import configlib
-from unialign_jax import continual
-from unialign_jax import evaluate
 from unialign_jax import files
 from unialign_jax import logs
+from unialign_jax import loop
+from unialign_jax import methods
 from unialign_jax import parallel
-from unialign_jax import teachers
-from unialign_jax import trainer
-from unialign_jax import unialign_config
-from unialign_jax import unialign_evaluate
-from unialign_jax import unialign_trainer
-from unialign_jax.data import pipeline
+from unialign_jax import report
 from unialign_jax.logs import logger
 
 
-def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """Refuses to resume a workdir that was started with a different config (nothing is overwritten).
+def check_workdir_config(workdir: str, config: ml_collections.ConfigDict, *, write: bool = True) -> None:
+    """Refuses to resume a workdir that was started with a different config (nothing is overwritten);
+    with `write`, records the config in a new workdir.
 
     `workdir` may be local or an object store (`gs://...`); process 0 writes `config.json`.
     """
     path = epath.Path(workdir) / "config.json"
     resolved = json.loads(config.to_json_best_effort(sort_keys=True))
     if not path.exists():
-        files.write_json_atomic(path, resolved)
+        if write:
+            files.write_json_atomic(path, resolved)
         return
     previous = files.read_json(path)
     if previous != resolved:
@@ -55,14 +50,21 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> Non
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     """Trains every stage (resuming where possible) and returns the per-stage results."""
-    if config.get("method", "cmg") == "unialign":
-        return run_unialign(config, workdir)
-    configlib.validate(config, pipeline.dataset_modalities)
+    method = methods.for_config(config)
+    method.validate(config)
+    check_workdir_config(workdir, config, write=False)
+    method.prepare(config, workdir)
     check_workdir_config(workdir, config)
     mesh = parallel.make_mesh(config.mesh)
-    stages = trainer.stage_specs(config)
+    stages = loop.stage_specs(config)
+    results_dir = epath.Path(workdir) / "results"
+    recorded = {result["name"]: result for result in report.read_summary(results_dir)}
     results: list[dict] = []
     for stage in stages:
+        if stage.name in recorded and loop.stage_finished(workdir, stage):
+            logger.info("[%s] finished and evaluated: skipped.", stage.name)
+            results.append(recorded[stage.name])
+            continue
         logger.info(
             "=== stage %d/%d: %s (%s) for %d steps ===",
             stage.index + 1,
@@ -71,35 +73,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
             "+".join(stage.modalities),
             stage.steps,
         )
-        initial_state = continual.stage_initializer(config, stage, workdir)
-        state = trainer.train_stage(config, stage, workdir, mesh, initial_state)
-        continual.finish_stage(config, stage, state, workdir, mesh)
-        results.append(evaluate.evaluate_stage(config, stage, state, workdir, results))
-        print(evaluate.stage_table(results), flush=True)
+        state = loop.train_stage(
+            config,
+            stage,
+            workdir,
+            mesh,
+            lambda stage=stage: method.initial_state(config, stage, workdir),
+            step_factory=method.step,
+            iterator_factory=lambda c, s: method.train_iterator(c, s, workdir),
+        )
+        method.end_stage(config, stage, state, workdir, mesh)
+        results.append(method.evaluate_stage(config, stage, state, workdir, results))
+        report.write_summary(results_dir, results, method.results_markdown(config, results))
+        print(method.results_table(config, results), flush=True)
     return results
-
-
-def run_unialign(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
-    """UniAlign (`config.method = 'unialign'`): one stage through the same stage loop, its own step,
-    mixed-modality data and evaluation."""
-    unialign_config.validate(config, pipeline.dataset_modalities)
-    teachers.check_available(config, workdir)
-    check_workdir_config(workdir, config)
-    mesh = parallel.make_mesh(config.mesh)
-    (stage,) = trainer.stage_specs(config)
-    logger.info("=== UniAlign: %s for %d steps ===", "+".join(stage.modalities), stage.steps)
-    state = trainer.train_stage(
-        config,
-        stage,
-        workdir,
-        mesh,
-        lambda: unialign_trainer.fresh_state(config, stage, workdir),
-        step_factory=unialign_trainer.UniAlignStep,
-        iterator_factory=functools.partial(unialign_trainer.make_train_iterator, workdir=workdir),
-    )
-    result = unialign_evaluate.evaluate_stage(config, stage, state, workdir)
-    print(unialign_evaluate.results_markdown(config, result), flush=True)
-    return [result]
 
 
 def main(argv):

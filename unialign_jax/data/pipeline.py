@@ -100,6 +100,12 @@ def make_builder(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBui
     return source_module.make_builder(data_config, resolve_data_dir(data_config))
 
 
+def feature_shapes(data_config: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]:
+    """{modality: per-example feature shape} of a dataset, e.g. {'audio': (10, 40)} (builds nothing)."""
+    features = make_builder(data_config).info.features
+    return {m: tuple(features[m].shape) for m in MODALITIES if m in features}
+
+
 def _prepared_builder(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     builder = make_builder(data_config)
     builder.download_and_prepare()  # no-op when the dataset is already in the data dir

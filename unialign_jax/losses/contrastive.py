@@ -4,6 +4,7 @@ A score matrix `scores[..., i, j]` pairs row item i with column item j; the posi
 is column i. `axis=-1` normalises each row over the columns j, `axis=-2` each column over the rows i.
 """
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -44,7 +45,10 @@ def info_nce(
     tri-modal loss is the sum of two calls, (x, image) + (x, text).
 
     Returns (loss, metrics) with per-direction losses and top-1 accuracies and the used scale.
+    Rows of other ranks or unequal shapes raise at trace time (`chex`).
     """
+    chex.assert_rank([embeddings_a, embeddings_b], 2)
+    chex.assert_equal_shape([embeddings_a, embeddings_b])
     logit_scale = jnp.minimum(jnp.exp(log_logit_scale), max_logit_scale)
     logits = logit_scale * l2_normalize(embeddings_a) @ l2_normalize(embeddings_b).T
     loss_a_to_b = -jnp.mean(diagonal_log_softmax(logits, axis=-1))

@@ -544,10 +544,21 @@ class CMGModel(nn.Module):
 
         Deterministic (no dropout), runs only the semantic path, never changes the codebook.
         """
+        return self.encode_with_routing(batch)[0]
+
+    def encode_with_routing(
+        self, batch: Mapping[str, Array]
+    ) -> tuple[dict[str, tuple[Array, Array]], dict[str, Array]]:
+        """`encode`'s output and, with the adapter, the router probabilities {modality: [B, T, U]}."""
         present = self._present_modalities(batch)
-        semantic = {m: self._semantic(m, batch[m], deterministic=True)[0] for m in present}
+        semantic, router_probs = {}, {}
+        for modality in present:
+            semantic[modality], probabilities = self._semantic(modality, batch[modality], deterministic=True)
+            if probabilities is not None:
+                router_probs[modality] = probabilities
         codebook = self.quantizer(semantic, update=False)
-        return {m: (codebook.codes[m], codebook.code_vectors[m]) for m in present}
+        encoded = {m: (codebook.codes[m], codebook.code_vectors[m]) for m in present}
+        return encoded, as_float32(router_probs)
 
     def _semantic(
         self, modality: str, inputs: Array, *, deterministic: bool

@@ -29,6 +29,15 @@ Array = jax.Array
 # PyTorch nn.Linear weight init (U(±1/√fan_in)) for a stack of experts [U, in, out].
 _expert_weight_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", batch_axis=0)
 
+# Sharding rules (`parallel.tree_shardings`) of the stacked experts, on the mesh's expert axis: the
+# COMET CMoE-Adapter's ([U, D, F] kernels, [U, F] biases) and UniAlign's MoE-LoRA banks ([G, n, ..]
+# LoRA factors; [L, G, n, ..] under `scan_layers`).
+EXPERT_RULES = (
+    (r"adapter/(common|specific_[a-z]+)/(kernel|bias)$", ("expert",)),
+    (r"/layers/.*/experts/lora_[ab]$", (None, None, "expert")),
+    (r"/experts/lora_[ab]$", (None, "expert")),
+)
+
 
 class Routing(NamedTuple):
     """Router outputs over the last axis (experts).

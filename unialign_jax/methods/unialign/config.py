@@ -24,7 +24,7 @@ only with its anchor (text: captions and class labels), never with another encod
     config.anchors           class-label text embeddings: source ('minilm_prompts' | 'text_centroids'
                              | 'file'), templates {modality: '... {name} ...'}, file, minilm_path, cache_dir
     config.teachers          model-distillation teachers: modalities, dir, auto_train, dims, training
-                             settings (`unialign_jax.teachers`)
+                             settings (`unialign_jax.methods.unialign.teachers`)
     config.stages            [one stage: name, modalities, data {modality: data config}, steps]
     config.eval              data {modality: data config} (test split), batch_size, max_examples,
                              zero_shot_ks, retrieval_ks
@@ -32,16 +32,16 @@ only with its anchor (text: captions and class labels), never with another encod
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
+import jax.numpy as jnp
 import ml_collections
 
 from unialign_jax import configlib
 from unialign_jax.configlib import ConfigError
+from unialign_jax.data import pipeline
 from unialign_jax.data.pipeline import MODALITIES
 from unialign_jax.losses.unialign import UNIALIGN_LOSS_TERMS
 from unialign_jax.nn.transformer import ADAPTER_PLACEMENTS, TransformerConfig
-from unialign_jax.nn.unialign import TOKENIZER_KINDS, TokenizerSpec, UniAlignConfig
+from unialign_jax.nn.unialign import TOKENIZER_KINDS, TokenizerSpec, UniAlignConfig, UniAlignModel
 
 ANCHOR_SOURCES = ("minilm_prompts", "text_centroids", "file")
 NCE_ANCHORS = ("caption", "label")
@@ -212,18 +212,20 @@ def model_config(config: ml_collections.ConfigDict) -> UniAlignConfig:
     )
 
 
+def build_model(config: ml_collections.ConfigDict) -> UniAlignModel:
+    """The UniAlign module of a run config."""
+    return UniAlignModel(model_config(config), dtype=jnp.dtype(config.model.dtype))
+
+
 def _hashable(value):
     return tuple(_hashable(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def validate(config: ml_collections.ConfigDict, dataset_modalities: Callable[[ml_collections.ConfigDict], tuple[str, ...]]) -> None:
+def validate(config: ml_collections.ConfigDict, dataset_modalities=pipeline.dataset_modalities) -> None:
     """Checks a UniAlign config before anything compiles; every error names the field.
 
-    Args:
-      config: the resolved config.
-      dataset_modalities: data config -> the modalities that dataset provides (raises ValueError on
-        an unknown dataset).
-    """
+    `dataset_modalities(data config) -> modalities` says what a dataset provides (raises ValueError
+    on an unknown dataset); the default builds nothing."""
     model = config.model
     modalities = tuple(model.modalities)
     for name in modalities:

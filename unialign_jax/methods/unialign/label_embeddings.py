@@ -33,6 +33,7 @@ import numpy as np
 from unialign_jax.data import pipeline
 from unialign_jax.logs import logger
 from unialign_jax.losses.contrastive import l2_normalize
+from unialign_jax.nn import weights as weights_lib
 
 DEFAULT_CACHE = pathlib.Path("~", ".cache", "unialign_jax", "anchors")
 
@@ -53,7 +54,7 @@ def class_names(data_config: ml_collections.ConfigDict) -> tuple[str, ...]:
 def _minilm_prompt_embeddings(prompts: list[str], seq_len: int, anchors: ml_collections.ConfigDict) -> np.ndarray:
     from unialign_jax.data.digits import captions  # pylint: disable=import-outside-toplevel
 
-    key = hashlib.sha256(json.dumps([captions.MINILM_REQUIREMENT, seq_len, prompts]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([weights_lib.MINILM_REQUIREMENT, seq_len, prompts]).encode()).hexdigest()[:16]
     cache = pathlib.Path(anchors.cache_dir or DEFAULT_CACHE).expanduser() / f"minilm_prompts_{key}.npz"
     if cache.is_file():
         with np.load(cache) as stored:

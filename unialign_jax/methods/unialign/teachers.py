@@ -16,7 +16,7 @@ optionally `anchor_features` float32[N_train, D], the teacher's own embedding of
 anchor view, x̂^a of Eq. 14. Teachers trained here embed into the student's anchor space, so they
 need none; an external teacher whose width D differs from the anchor's must provide them):
 
-    python -m unialign_jax.teachers --config=configs/unialign_digits.py --workdir=workdirs/unialign_digits
+    python -m unialign_jax.methods.unialign.teachers --config=configs/unialign_digits.py --workdir=workdirs/unialign_digits
 
 `python -m unialign_jax.train` with the same config and workdir then reads them. If they are
 missing, the run trains them first when `teachers.auto_train` is set, and otherwise stops with the
@@ -39,16 +39,16 @@ from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from unialign_jax import anchors as anchors_lib
 from unialign_jax import files
 from unialign_jax import logs
-from unialign_jax import unialign_config
 from unialign_jax.data import pipeline
 from unialign_jax.eval import zero_shot
 from unialign_jax.logs import logger
 from unialign_jax.losses.contrastive import info_nce, l2_normalize
+from unialign_jax.methods.unialign import config as config_lib
+from unialign_jax.methods.unialign import label_embeddings as label_lib
 
-COMMAND = "python -m unialign_jax.teachers --config=<the run's config> --workdir=<the run's workdir>"
+COMMAND = "python -m unialign_jax.methods.unialign.teachers --config=<the run's config> --workdir=<the run's workdir>"
 
 
 class TeacherNet(nn.Module):
@@ -72,7 +72,7 @@ def teacher_dir(config: ml_collections.ConfigDict, workdir: str) -> epath.Path:
 
 def _anchors(config, data: dict, label_embeddings: np.ndarray) -> np.ndarray:
     if config.loss.nce_anchor == "caption":
-        return np.asarray(anchors_lib.pool_text(data[config.model.anchor]))
+        return np.asarray(label_lib.pool_text(data[config.model.anchor]))
     return label_embeddings[data["label"]]
 
 
@@ -111,10 +111,10 @@ def train_teacher(config: ml_collections.ConfigDict, modality: str, label_embedd
 
 def write_teachers(config: ml_collections.ConfigDict, workdir: str) -> dict[str, np.ndarray]:
     """Trains every teacher of the config and caches its features (module docstring)."""
-    modalities = unialign_config.teacher_modalities(config)
+    modalities = config_lib.teacher_modalities(config)
     if not modalities:
         raise ValueError("this config has no teachers (config.teachers.modalities, config.loss.terms.model_distil).")
-    label_embeddings = anchors_lib.label_embeddings(config, modalities)
+    label_embeddings = label_lib.label_embeddings(config, modalities)
     directory = teacher_dir(config, workdir)
     features = {}
     for modality in modalities:
@@ -132,7 +132,7 @@ def check_available(config: ml_collections.ConfigDict, workdir: str) -> list[str
     """The teacher modalities without cached features; FileNotFoundError (with the command to run)
     if there are any and `teachers.auto_train` is off. Call it before a run writes anything."""
     directory = teacher_dir(config, workdir)
-    missing = [m for m in unialign_config.teacher_modalities(config) if not (directory / f"{m}.npz").is_file()]
+    missing = [m for m in config_lib.teacher_modalities(config) if not (directory / f"{m}.npz").is_file()]
     if missing and not config.teachers.auto_train:
         raise FileNotFoundError(
             f"no cached teacher features for {missing} in {directory}: run `{COMMAND}` first, or switch the "
@@ -141,21 +141,29 @@ def check_available(config: ml_collections.ConfigDict, workdir: str) -> list[str
     return missing
 
 
-def load_teachers(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, np.ndarray]]:
-    """{modality: {"teacher": float32[N_train, D], "teacher_anchor": float32[N_train, D] if cached}} of
-    the config's teacher modalities (module docstring).
-
-    Missing files are trained first when `teachers.auto_train`, else FileNotFoundError with the command.
-    A file made for another dataset, of the wrong feature size, or lacking the anchor features that a
-    width other than the anchor's needs raises ValueError.
-    """
-    modalities = unialign_config.teacher_modalities(config)
-    directory = teacher_dir(config, workdir)
+def prepare(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Trains and caches the missing teachers when `teachers.auto_train` (else `check_available`'s
+    FileNotFoundError, before anything is written)."""
     missing = check_available(config, workdir)
     if missing:
-        logger.info("No cached teacher features for %s in %s: training them now (as `%s`).", missing, directory, COMMAND)
+        logger.info("No cached teacher features for %s in %s: training them now (as `%s`).", missing,
+                    teacher_dir(config, workdir), COMMAND)
         write_teachers(config, workdir)
-        multihost_utils.sync_global_devices("teacher features written")
+    multihost_utils.sync_global_devices("teacher features ready")
+
+
+def load_teachers(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, np.ndarray]]:
+    """{modality: {"teacher": float32[N_train, D], "teacher_anchor": float32[N_train, D] if cached}} of
+    the config's teacher modalities (module docstring), as `prepare` left them.
+
+    Missing files raise FileNotFoundError with the command. A file made for another dataset, of the
+    wrong feature size, or lacking the anchor features that a width other than the anchor's needs
+    raises ValueError.
+    """
+    modalities = config_lib.teacher_modalities(config)
+    directory = teacher_dir(config, workdir)
+    if missing := [m for m in modalities if not (directory / f"{m}.npz").is_file()]:
+        raise FileNotFoundError(f"no cached teacher features for {missing} in {directory}: run `{COMMAND}` first.")
     anchor_dim = config.model.input_shapes[config.model.anchor][-1]
     loaded = {}
     for modality in modalities:
@@ -181,7 +189,7 @@ def main(argv):
     del argv
     logs.setup()
     config = flags.FLAGS.config
-    unialign_config.validate(config, pipeline.dataset_modalities)
+    config_lib.validate(config)
     write_teachers(config, flags.FLAGS.workdir)
 
 

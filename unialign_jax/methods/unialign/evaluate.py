@@ -1,7 +1,7 @@
 """Evaluation of a UniAlign stage: zero-shot classification, retrieval between modalities, routing load.
 
 On each encoded modality's test split (`config.eval.data[modality]`), the trained model embeds every
-example; the anchor modality (text) is embedded by the frozen text encoder (`anchors.pool_text` of
+example; the anchor modality (text) is embedded by the frozen text encoder (`label_embeddings.pool_text` of
 the captions). Metrics (`unialign_jax.eval`):
 
 * zero-shot classification through text anchors: top-1 / top-5 accuracy against the dataset's
@@ -12,30 +12,25 @@ the captions). Metrics (`unialign_jax.eval`):
 * routing load: the mean router probability of each expert over all tokens and MoE-LoRA layers of a
   modality (for grouped routing, expert j of modality m is m's own j-th expert).
 
-Results go to `workdir/results/summary.json` (the `report.write_summary` schema: one stage, the
-metrics above) and `summary.md` (readable tables), each written atomically.
+The run writes the result through `report.write_summary` (one stage, the metrics above), with
+`results_markdown`'s tables as `summary.md`.
 """
 
 from __future__ import annotations
 
-import json
-
 import jax
 import ml_collections
 import numpy as np
-from etils import epath
 
-from unialign_jax import anchors as anchors_lib
 from unialign_jax import eval as eval_lib
-from unialign_jax import files
 from unialign_jax import optim
 from unialign_jax import report
-from unialign_jax import unialign_config
-from unialign_jax import unialign_trainer
 from unialign_jax.data import pipeline
 from unialign_jax.eval import zero_shot
+from unialign_jax.loop import StageSpec, TrainState
+from unialign_jax.methods.unialign import config as config_lib
+from unialign_jax.methods.unialign import label_embeddings as label_lib
 from unialign_jax.nn.unialign import modality_router_probabilities
-from unialign_jax.trainer import StageSpec, TrainState
 
 
 def encode(model, params: dict, inputs: np.ndarray, modality: str, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -64,12 +59,11 @@ def _test_split(config: ml_collections.ConfigDict, modality: str, with_text: boo
     return pipeline.load_split(config.eval.data[modality], "test", modalities=fields, max_examples=max_examples)
 
 
-def evaluate_stage(config: ml_collections.ConfigDict, stage: StageSpec, state: TrainState, workdir: str) -> dict:
-    """Scores a trained UniAlign state (module docstring); writes the results; returns
-    {'name', 'modalities', 'metrics'}."""
+def evaluate_stage(config: ml_collections.ConfigDict, stage: StageSpec, state: TrainState) -> dict:
+    """Scores a trained UniAlign state (module docstring); returns {'name', 'modalities', 'metrics'}."""
     anchor = config.model.anchor
-    encoded = unialign_config.encoded_modalities(config)
-    model = unialign_trainer.build_model(config)
+    encoded = config_lib.encoded_modalities(config)
+    model = config_lib.build_model(config)
     params = optim.merge_params(jax.device_get(state.params), jax.device_get(state.frozen))
     class_embeddings = {m: np.asarray(v) for m, v in jax.device_get(state.carry["label_embeddings"]).items()}
     embeddings, labels, routing = {}, {}, {}
@@ -79,7 +73,7 @@ def evaluate_stage(config: ml_collections.ConfigDict, stage: StageSpec, state: T
         embeddings[modality], routing[modality] = encode(model, params, data[modality], modality, config.eval.batch_size)
         labels[modality] = data["label"]
         if with_text and anchor not in embeddings:  # the first dataset with captions gives the text gallery
-            embeddings[anchor] = np.asarray(anchors_lib.pool_text(data[anchor]))
+            embeddings[anchor] = np.asarray(label_lib.pool_text(data[anchor]))
             labels[anchor] = data["label"]
     metrics = zero_shot.zero_shot_scores(
         embeddings, labels, class_embeddings, modalities=encoded, ks=tuple(config.eval.zero_shot_ks)
@@ -89,9 +83,7 @@ def evaluate_stage(config: ml_collections.ConfigDict, stage: StageSpec, state: T
         embeddings, labels, modalities=retrieved, paired=False, ks=tuple(config.eval.retrieval_ks)
     ))
     metrics.update(eval_lib.routing_load(routing, encoded))
-    result = {"name": stage.name, "modalities": list(stage.modalities), "metrics": metrics}
-    write_results(config, result, epath.Path(workdir) / "results")
-    return result
+    return {"name": stage.name, "modalities": list(stage.modalities), "metrics": metrics}
 
 
 def pair_trained_together(config: ml_collections.ConfigDict, source: str, target: str) -> bool:
@@ -102,7 +94,7 @@ def pair_trained_together(config: ml_collections.ConfigDict, source: str, target
 def results_tables(config: ml_collections.ConfigDict, result: dict) -> dict[str, str]:
     """Markdown tables of a UniAlign result: zero-shot, retrieval, routing load (rates in %)."""
     metrics = result["metrics"]
-    encoded = unialign_config.encoded_modalities(config)
+    encoded = config_lib.encoded_modalities(config)
     ks = tuple(config.eval.zero_shot_ks)
     zero_shot_rows = []
     for modality in encoded:
@@ -143,11 +135,3 @@ def results_markdown(config: ml_collections.ConfigDict, result: dict) -> str:
         "## Routing load (mean router probability per expert, all tokens and MoE-LoRA layers)", "",
         tables["routing"], "",
     ])
-
-
-def write_results(config: ml_collections.ConfigDict, result: dict, results_dir: epath.PathLike) -> None:
-    """`summary.json` ({"stages": [result]}) and `summary.md`, each written atomically (`files`)."""
-    directory = epath.Path(results_dir)
-    payload = {"stages": [{**result, "metrics": {k: float(v) for k, v in result["metrics"].items()}}]}
-    files.write_atomic(directory / "summary.json", json.dumps(payload, indent=2) + "\n")
-    files.write_atomic(directory / "summary.md", results_markdown(config, result))

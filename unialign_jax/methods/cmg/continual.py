@@ -5,10 +5,10 @@ on that stage's data for the CMoE-Adapter's common layers and the specific layer
 modalities (COMET §3.2, Eq. 6), added to the Fisher of earlier stages, and saved with the anchor
 parameters θ* next to the stage's checkpoints (`<stage folder>/continual`).
 
-At the start of stage s > 1 (`stage_initializer`) the next state is built from the previous stage's
+At the start of stage s > 1 (`initial_state`) the next state is built from the previous stage's
 final Orbax checkpoint:
 - parameters: the previous ones, plus fresh modules for modalities that first appear now; modules of
-  modalities absent from this stage are frozen (`trainer.frozen_patterns`);
+  modalities absent from this stage are frozen (`model_lib.frozen_patterns`);
 - codebook: the K_1 + ... + K_{s-1} learned codes and their EMA statistics copied bit-identically,
   K_s new codes appended. New rows are initialised from data: k-means (k-means++ seeding + Lloyd) on
   the mediator's semantic features of the new stage's data, computed with the trained mediator
@@ -33,17 +33,17 @@ from etils import epath
 from flax import traverse_util
 
 from unialign_jax import checkpoint as ckpt_lib
+from unialign_jax import loop
 from unialign_jax import optim
-from unialign_jax import parallel
-from unialign_jax import trainer
 from unialign_jax.data import pipeline
 from unialign_jax.logs import logger
+from unialign_jax.methods.cmg import model as model_lib
 from unialign_jax.nn import quantizer as quantizer_lib
 
 ARTIFACTS_FOLDER = "continual"
 
 
-def ewc_patterns(config: ml_collections.ConfigDict, stage: trainer.StageSpec) -> list[str]:
+def ewc_patterns(config: ml_collections.ConfigDict, stage: loop.StageSpec) -> list[str]:
     """Parameters EWC protects after `stage`: adapter common layers + specific layers it activated
     (COMET §3.2), plus `config.continual.ewc_extra` (an extension beyond the paper, e.g. the
     mediator's semantic encoder, whose drift is what forgets earlier pairs; default none)."""
@@ -63,37 +63,12 @@ def _accumulate(previous: dict, new: dict) -> dict:
     return traverse_util.unflatten_dict(flat, sep="/")
 
 
-def estimate_fisher(config: ml_collections.ConfigDict, stage: trainer.StageSpec, state: trainer.TrainState,
-                    mesh) -> dict:
-    """Diagonal empirical Fisher F_i ≈ E[(∂L/∂θ_i)²] of the stage loss over `fisher_batches` batches.
+def finish_stage(config: ml_collections.ConfigDict, stage: loop.StageSpec, state: loop.TrainState,
+                 workdir: str, estimate_fisher: Callable[[list[str]], dict]) -> None:
+    """Saves the EWC Fisher (accumulated over stages) and anchors of a finished stage, once.
 
-    L is the full stage objective on a batch (its CMCM and Cross-CPC terms are contrastive over the
-    batch, so per-example gradients are not defined); F is the mean over batches of the squared batch
-    gradient, for the parameters `ewc_patterns` selects. The state is not changed.
-    """
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
-    shardings = trainer.state_shardings(abstract, mesh, config.sharding_rules)
-    step_fn = trainer.StepFunction(config, stage, mesh, abstract, shardings)
-    patterns = ewc_patterns(config, stage)
-
-    @jax.jit
-    def squared_gradients(state, batch):
-        grads = step_fn.gradients(state, batch)[0]
-        return jax.tree.map(jnp.square, _select(grads, patterns))
-
-    iterator = pipeline.make_train_iterator(
-        stage.data, modalities=stage.modalities, batch_size=config.batch_size, seed=config.seed + 1000 + stage.index,
-        process_index=jax.process_index(), process_count=jax.process_count())
-    total = None
-    for _ in range(config.continual.fisher_batches):
-        squared = squared_gradients(state, parallel.global_batch(next(iterator), mesh))
-        total = squared if total is None else jax.tree.map(jnp.add, total, squared)
-    return jax.tree.map(lambda f: f / config.continual.fisher_batches, total)
-
-
-def finish_stage(config: ml_collections.ConfigDict, stage: trainer.StageSpec, state: trainer.TrainState,
-                 workdir: str, mesh) -> None:
-    """Saves the EWC Fisher (accumulated over stages) and anchors of a finished stage, once."""
+    `estimate_fisher(patterns)` is this stage's diagonal Fisher of the parameters `patterns` select
+    (`step.estimate_fisher`)."""
     last_stage = stage.index == len(config.stages) - 1
     if not config.continual.ewc or last_stage:
         return
@@ -102,7 +77,7 @@ def finish_stage(config: ml_collections.ConfigDict, stage: trainer.StageSpec, st
         return
     logger.info("[%s] estimating the Fisher information on %d batches.", stage.name,
                  config.continual.fisher_batches)
-    fisher = estimate_fisher(config, stage, state, mesh)
+    fisher = estimate_fisher(ewc_patterns(config, stage))
     previous = state.carry.get("ewc", {}).get("fisher", {})
     all_params = optim.merge_params(state.params, state.frozen)
     anchor_patterns = [rf"^{re.escape(path)}$" for path in traverse_util.flatten_dict(
@@ -111,12 +86,11 @@ def finish_stage(config: ml_collections.ConfigDict, stage: trainer.StageSpec, st
     ckpt_lib.save_tree(directory, artifacts)
 
 
-def stage_initializer(config: ml_collections.ConfigDict, stage: trainer.StageSpec, workdir: str
-                      ) -> Callable[[], trainer.TrainState]:
-    """A function building the starting state of `stage` (fresh for the first stage)."""
+def initial_state(config: ml_collections.ConfigDict, stage: loop.StageSpec, workdir: str) -> loop.TrainState:
+    """The starting state of `stage`: fresh for the first stage, else `next_stage_state`."""
     if stage.index == 0:
-        return lambda: trainer.fresh_state(config, stage, jax.random.key(config.seed))
-    return lambda: next_stage_state(config, stage, workdir)
+        return model_lib.fresh_state(config, stage, jax.random.key(config.seed))
+    return next_stage_state(config, stage, workdir)
 
 
 def _overlay(fresh: dict, previous: dict) -> dict:
@@ -132,11 +106,11 @@ def _overlay(fresh: dict, previous: dict) -> dict:
     return traverse_util.unflatten_dict(flat, sep="/")
 
 
-def new_code_rows(config: ml_collections.ConfigDict, stage: trainer.StageSpec, params: dict, quantizer: dict,
+def new_code_rows(config: ml_collections.ConfigDict, stage: loop.StageSpec, params: dict, quantizer: dict,
                   rng: jax.Array) -> jax.Array:
     """k-means rows from the mediator's semantic features on the new stage's data (module docstring)."""
     source = stage.mediator or stage.modalities[0]
-    model, _ = trainer.build_models(config, stage)
+    model, _ = model_lib.build_models(config, stage)
     data = pipeline.load_split(stage.data, "train", modalities=(source,),
                                max_examples=config.continual.growth_examples)
     outputs = jax.jit(lambda x: model.apply({"params": params, "quantizer": quantizer}, {source: x},
@@ -145,20 +119,20 @@ def new_code_rows(config: ml_collections.ConfigDict, stage: trainer.StageSpec, p
     return quantizer_lib.init_codebook_rows_from_features(rng, features, stage.codebook_rows)
 
 
-def next_stage_state(config: ml_collections.ConfigDict, stage: trainer.StageSpec, workdir: str
-                     ) -> trainer.TrainState:
+def next_stage_state(config: ml_collections.ConfigDict, stage: loop.StageSpec, workdir: str
+                     ) -> loop.TrainState:
     """The starting state of stage s > 1 from stage s-1's final checkpoint (module docstring)."""
-    previous_stage = trainer.stage_specs(config)[stage.index - 1]
+    previous_stage = loop.stage_specs(config)[stage.index - 1]
     previous_dir = epath.Path(workdir) / previous_stage.folder
     checkpointer = ckpt_lib.StageCheckpointer(previous_dir)
     previous, meta = checkpointer.restore_state()
     checkpointer.close()
     if not meta.get("finished"):
         raise RuntimeError(f"{previous_dir} holds no finished checkpoint; stage {previous_stage.name!r} must finish "
-                           "before stage {stage.name!r} starts.")
+                           f"before stage {stage.name!r} starts.")
     rng = jax.random.fold_in(jax.random.key(config.seed), stage.index)
     init_rng, rows_rng, state_rng = jax.random.split(rng, 3)
-    fresh_params, _, fresh_club = trainer.init_variables(config, stage, init_rng)
+    fresh_params, _, fresh_club = model_lib.init_variables(config, stage, init_rng)
     params = _overlay(fresh_params, optim.merge_params(previous["params"], previous["frozen"]))
     club_params = _overlay(fresh_club, previous["aux"]["club_params"])
 
@@ -176,9 +150,9 @@ def next_stage_state(config: ml_collections.ConfigDict, stage: trainer.StageSpec
                             "active_count": jnp.asarray(old_codebook["active_count"])}
     if config.continual.ewc:
         saved = ckpt_lib.load_tree(previous_dir / ARTIFACTS_FOLDER)
-        trainable = optim.split_params(params, trainer.frozen_patterns(config, stage))[1]
+        trainable = optim.split_params(params, model_lib.frozen_patterns(config, stage))[1]
         keep = [rf"^{re.escape(p)}$" for p in traverse_util.flatten_dict(trainable, sep="/")]
         carry["ewc"] = {"fisher": _select(saved["fisher"], keep), "anchor": _select(saved["anchor"], keep)}
-    state = trainer.assemble_state(config, stage, params, {"quantizer": grown}, club_params, carry=carry,
+    state = model_lib.assemble_state(config, stage, params, {"quantizer": grown}, club_params, carry=carry,
                                    rng=state_rng)
     return jax.tree.map(jnp.asarray, state)

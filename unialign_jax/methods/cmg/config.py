@@ -1,0 +1,273 @@
+"""Config schema of CMG, DCID and COMET runs (`config.method = 'cmg'`): shared defaults, the
+continual configs with the ablation switches of COMET's Table 6, and validation before anything
+compiles."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from unialign_jax import configlib
+from unialign_jax.configlib import ConfigError
+from unialign_jax.data import pipeline
+from unialign_jax.data.pipeline import MODALITIES
+
+
+def validate(config: ml_collections.ConfigDict, dataset_modalities=pipeline.dataset_modalities) -> None:
+    """Checks a training config before any compilation.
+
+    Args:
+      config: the resolved config.
+      dataset_modalities: data config -> the modalities that dataset provides (raises ValueError on
+        an unknown dataset); the default builds nothing.
+
+    Raises:
+      ConfigError: naming the offending field.
+    """
+    known = tuple(config.model.modalities)
+    for name in known:
+        if name not in MODALITIES:
+            raise ConfigError(
+                f"config.model.modalities: unknown modality {name!r}; known: {', '.join(MODALITIES)}."
+            )
+        if name not in config.model.input_shapes:
+            raise ConfigError(f"config.model.input_shapes: no shape for modality {name!r}.")
+    if not config.stages:
+        raise ConfigError("config.stages: at least one stage is required.")
+    seen: set[str] = set()
+    names: set[str] = set()
+    total_codes = 0
+    for index, stage in enumerate(config.stages):
+        where = f"config.stages[{index}]"
+        if stage.name in names:
+            raise ConfigError(f"{where}.name: duplicate stage name {stage.name!r}.")
+        names.add(stage.name)
+        stage_modalities = tuple(stage.modalities)
+        if len(stage_modalities) < 2:
+            raise ConfigError(
+                f"{where}.modalities: a stage needs at least two modalities, got {stage_modalities}."
+            )
+        for name in stage_modalities:
+            if name not in known:
+                raise ConfigError(f"{where}.modalities: {name!r} is not in config.model.modalities {known}.")
+        mediator = stage.get("mediator")
+        if index > 0 and mediator:
+            if mediator not in stage_modalities:
+                raise ConfigError(
+                    f"{where}.mediator: {mediator!r} is not one of the stage's modalities {stage_modalities}."
+                )
+            if mediator not in seen:
+                raise ConfigError(
+                    f"{where}.mediator: {mediator!r} was never seen in an earlier stage (seen: {sorted(seen)})."
+                )
+        try:
+            available = dataset_modalities(stage.data)
+        except ValueError as error:
+            raise ConfigError(f"{where}.data: {error}") from error
+        missing = [m for m in stage_modalities if m not in available]
+        if missing:
+            raise ConfigError(f"{where}.data: dataset {stage.data.name!r} has no modality {missing}.")
+        if stage.steps <= 0:
+            raise ConfigError(f"{where}.steps must be positive, got {stage.steps}.")
+        if stage.codebook_rows < 0 or (index == 0 and stage.codebook_rows == 0):
+            raise ConfigError(f"{where}.codebook_rows must be positive for the first stage and >= 0 after.")
+        total_codes += stage.codebook_rows
+        seen.update(stage_modalities)
+    if total_codes > config.quantizer.codebook_capacity:
+        raise ConfigError(
+            f"config.quantizer.codebook_capacity={config.quantizer.codebook_capacity} is smaller than the "
+            f"{total_codes} codes the stages add; raise it (growth beyond capacity reallocates, but the "
+            "capacity should be planned)."
+        )
+    if config.batch_size % max(1, config.get("num_processes", 1)) != 0:
+        raise ConfigError(f"config.batch_size={config.batch_size} must divide evenly across processes.")
+
+
+# Feature shapes per modality: the CMG reference dimensions and a small CPU-friendly variant.
+REFERENCE_SHAPES = {
+    "video": (10, 7, 7, 512),
+    "audio": (10, 128),
+    "text": (10, 768),
+    "image": (10, 512),
+    "speech": (10, 128),
+    "depth": (10, 512),
+    "points": (10, 256),
+}
+SMALL_SHAPES = {
+    "video": (10, 7, 7, 16),
+    "audio": (10, 32),
+    "text": (10, 48),
+    "image": (10, 32),
+    "speech": (10, 32),
+    "depth": (10, 32),
+    "points": (10, 32),
+}
+
+
+def resolve_data(name: str, modalities: tuple[str, ...]) -> str:
+    """`name`, or 'synthetic' when the digits data lacks one of `modalities` (e.g. speech)."""
+    if name not in ("synthetic", "digits", "features"):
+        raise ValueError(f"data={name!r}: choose data=digits, data=synthetic or data=features.")
+    missing = [m for m in modalities if name == "digits" and m not in configlib.digits_shapes()]
+    if missing:
+        print(f"data=digits has no {missing}; using the synthetic world for this config.")
+        return "synthetic"
+    return name
+
+
+def cmg_config(*, size: str, modalities: tuple[str, ...], data: str = "synthetic") -> ml_collections.ConfigDict:
+    """Model, quantizer, loss, optimizer and loop settings shared by the CMG and COMET configs.
+
+    `size='reference'` has the reference's dimensions (CMG `pretrain.py`: video 10x7x7x512, audio
+    10x128, text 10x768, codebook 400x256, batch 80, Adam 4e-4); `size='small'` trains on 2 CPU cores
+    in minutes. The caller adds `stages` (and `eval.data`).
+    """
+    if size not in ("small", "reference"):
+        raise ValueError(f"size must be 'small' or 'reference', got {size!r}.")
+    reference = size == "reference"
+    # Pre-extracted features come at the reference dimensions of the paper's extractors.
+    shapes = (configlib.digits_shapes() if data == "digits" else
+              REFERENCE_SHAPES if reference or data == "features" else SMALL_SHAPES)
+    c = ml_collections.ConfigDict()
+    c.method = "cmg"
+    c.seed = 0
+    c.size = size
+    c.batch_size = 80 if reference else 32
+    c.mesh = (("data", -1),)  # tuples, so that --config.mesh="(('data', 2), ('fsdp', 4))" works
+    c.sharding_rules = ()
+    c.frozen_patterns = []
+    c.log_every = 50 if reference else 25
+    c.checkpoint = dict(every=500 if reference else 200, max_to_keep=2)
+    c.model = dict(
+        modalities=tuple(modalities),
+        input_shapes={m: tuple(shapes[m]) for m in modalities},
+        semantic_dim=256 if reference else 64,
+        num_heads=4,
+        ffn_dim=1024 if reference else 128,
+        num_layers=2,
+        dropout=0.1,
+        specific_dims={m: 256 if reference else 64 for m in modalities},
+        video_encoder_channels=(1024, 2048) if reference else (32, 64),
+        video_club_dim=512 if reference else 32,
+        cpc_hidden=256 if reference else 64,
+        cpc_layers=2,
+        cpc_prediction_steps=1,
+        club_hidden=128 if reference else 32,
+        adapter_experts=0,
+        adapter_specific_layers=True,
+        dtype="float32",
+        remat=False,
+        scan_layers=False,
+    )
+    c.quantizer = dict(
+        codebook_capacity=400 if reference else 64,
+        initial_active_codes=400 if reference else 64,
+        decay=0.99,
+        epsilon=1e-5,
+        dead_code_steps=300,
+        active_code_steps=100,
+        restart_noise=1 / 1024,
+        reset_ema_on_restart=False,
+    )
+    c.loss = dict(
+        weights=dict(reconstruction=1.0, commitment=1.0, cmcm=1.0, cpc=1.0, club=1.0, gate=1.0),
+        commitment_beta=0.25,
+        cpc_normalize_over="predictions",
+        cpc_cross_weight=1.0,
+        cpc_self_weight=0.1,
+    )
+    c.club = dict(steps=5, learning_rate=1e-3)
+    c.optim = dict(
+        name="adam",
+        learning_rate=4e-4 if reference else 1e-3,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        weight_decay=0.0,
+        schedule="constant",
+        warmup_steps=0,
+        clip_norm=0.5,
+        groups=[
+            ("encoder", r"^(semantic_encoder|specific_encoder|video_pooler|adapter)"),
+            ("decoder", r"^decoder_"),
+            ("cpc", r"^cpc_"),
+            ("other", r".*"),
+        ],
+    )
+    c.continual = dict(pseudo_modality=False, ewc=False, ewc_strength=1.0, ewc_extra=(), fisher_batches=10,
+                       growth_examples=500)
+    c.eval = dict(paired=data in ("synthetic", "features"), head_steps=400, head_learning_rate=1e-3, head_batch_size=64, batch_size=250, max_examples=1000, data=None)
+    return c
+
+
+def concept_windows(num_stages: int, num_concepts: int = 10, width: int = 6, shift: int = 2) -> list[tuple[int, ...]]:
+    """Partially overlapping class subsets, one per stage: later stages bring new semantics."""
+    return [tuple(sorted((i * shift + j) % num_concepts for j in range(width))) for i in range(num_stages)]
+
+
+def continual_config(arg: str | None, pairs: list[tuple[str, str]], *, mediator: str = "text",
+                     comet: bool = True) -> ml_collections.ConfigDict:
+    """COMET (or the DCID baseline) over bimodal stages linked by `mediator`.
+
+    Arg string: `data=digits|synthetic|features` (digits, the default, falls back to the synthetic
+    world for modalities it lacks, e.g. speech; `features` reads the user's converted datasets at the
+    reference dimensions: `datasets=vatex+audiocaps+flickr` one per stage, `eval_dataset=NAME`),
+    `size=small|reference`, `seed=N`, `steps=N` (per stage), and the
+    COMET switches of the paper's ablation (Table 6), each `true|false`: `pm` (Pseudo-Modality
+    Replay), `moe` (CMoE-Adapter), `gate` (its load-balancing loss), `ewc`, `sl` (the adapter's
+    modality-specific layers); `ewc_lambda=X` (λ of Eq. 6, default 100; the paper gives none) and
+    `ewc_mediator=true` (beyond the paper: EWC also on the mediator's semantic encoder). COMET
+    configs grow the codebook at every stage; the DCID baseline (`comet=False`: every switch off)
+    keeps one fixed codebook of the same total size.
+    """
+    arg = configlib.parse_arg(arg, data="digits", size="small", seed=0, steps=0, pm=comet, moe=comet, gate=comet,
+                    ewc=comet, sl=comet, ewc_lambda=100.0, ewc_mediator=False, datasets="", eval_dataset="")
+    modalities = tuple(dict.fromkeys(m for pair in pairs for m in pair))
+    data_name = resolve_data(arg.data, modalities)
+    config = cmg_config(size=arg.size, modalities=modalities, data=data_name)
+    config.seed = arg.seed
+    reference = arg.size == "reference"
+    first_rows, later_rows = (400, 100) if reference else (48, 16)
+    total_rows = first_rows + later_rows * (len(pairs) - 1)
+    config.quantizer.codebook_capacity = total_rows
+    config.quantizer.initial_active_codes = first_rows if comet else total_rows
+    config.model.adapter_experts = 6 if arg.moe else 0
+    config.model.adapter_specific_layers = arg.sl
+    config.loss.weights.gate = 1.0 if (arg.moe and arg.gate) else 0.0
+    config.continual.pseudo_modality = arg.pm
+    config.continual.ewc = arg.ewc and arg.moe  # EWC protects the adapter's layers (COMET §3.2)
+    config.continual.ewc_strength = float(arg.ewc_lambda)
+    if arg.ewc_mediator:  # beyond the paper: also protect the mediator's semantic encoder
+        config.continual.ewc_extra = (rf"^semantic_encoder_{mediator}/",)
+    steps = arg.steps or (3000 if reference else 400)
+    shapes = dict(config.model.input_shapes)
+    windows = concept_windows(len(pairs))
+    config.stages = []
+    for index, (pair, concepts) in enumerate(zip(pairs, windows)):
+        rows = (first_rows if comet else total_rows) if index == 0 else (later_rows if comet else 0)
+        if data_name == "digits":
+            data = configlib.digits_data(classes=concepts, seed=arg.seed)
+        elif data_name == "features":
+            data = configlib.features_data(_stage_datasets(arg.datasets, len(pairs))[index])
+        else:
+            data = configlib.synthetic_data(pair, shapes, concepts=concepts, seed=arg.seed)
+        name = "_".join(pair)
+        config.stages.append(configlib.stage(name, pair, data, steps=steps, codebook_rows=rows,
+                                   mediator=mediator if index else ""))
+    if data_name == "features":
+        if not arg.eval_dataset:
+            raise ValueError("data=features needs eval_dataset=NAME: a converted dataset holding the modalities to "
+                             "evaluate (pairs it lacks are skipped).")
+        config.eval.data = configlib.features_data(arg.eval_dataset)
+    elif data_name == "digits":
+        config.eval.data = configlib.digits_data(seed=arg.seed)
+    else:
+        config.eval.data = configlib.synthetic_data(modalities, shapes, seed=arg.seed)
+    return config
+
+
+def _stage_datasets(datasets: str, num_stages: int) -> list[str]:
+    names = [name for name in datasets.split("+") if name]
+    if len(names) != num_stages:
+        raise ValueError(f"data=features needs datasets=NAME1+NAME2+... with one converted dataset per stage "
+                         f"({num_stages}), got {datasets!r}.")
+    return names

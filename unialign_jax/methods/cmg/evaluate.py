@@ -1,0 +1,114 @@
+"""Evaluation of a trained CMG/COMET stage: cross-modal generalization, retrieval, codebook usage,
+forgetting.
+
+Protocol (DESIGN §8): the encoder is frozen; each modality is encoded into its quantized code
+vectors by the encode-only path (`CMGModel.encode_with_routing`: no decoders, no dropout, codebook
+unchanged). A head trained on modality X's codes (train split) is tested on modality Y's codes (test
+split) for every ordered pair of the modalities learned so far: sequence classification accuracy
+and per-step localisation macro-F1. Retrieval R@1/5/10 between every pair on the test split
+(instance pairs, since every example renders one event sequence in all modalities). A pair is
+'seen' when some stage trained the two modalities together, else 'unseen'. Forgetting is each
+earlier pair's score now minus its score right after the stage that first evaluated it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import ml_collections
+import numpy as np
+from etils import epath
+
+from unialign_jax import eval as eval_lib
+from unialign_jax import optim
+from unialign_jax import report
+from unialign_jax.data import pipeline
+from unialign_jax.loop import StageSpec, TrainState
+from unialign_jax.methods.cmg import model as model_lib
+from unialign_jax.nn.cmg import CMGModel
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_batch(model, variables: dict, batch: dict):
+    return model.apply(variables, batch, method=CMGModel.encode_with_routing)
+
+
+def encode_split(model, variables: dict, data: dict, modalities, batch_size: int):
+    """{m: (codes [N,T], code vectors [N,T,D])} and, with an adapter, {m: router probs [N,T,U]}.
+
+    Fixed-size (zero-padded) batches, so one compilation per model serves both splits.
+    """
+    num = len(data["label"])
+    codes = {m: [] for m in modalities}
+    vectors = {m: [] for m in modalities}
+    routing = {m: [] for m in modalities}
+    for start in range(0, num, batch_size):
+        chunk = {m: data[m][start : start + batch_size] for m in modalities}
+        size = len(chunk[modalities[0]])
+        padded = {m: np.concatenate([x, np.zeros((batch_size - size, *x.shape[1:]), x.dtype)]) for m, x in chunk.items()}
+        encoded, probs = jax.device_get(_encode_batch(model, variables, padded))
+        for m in modalities:
+            codes[m].append(encoded[m][0][:size])
+            vectors[m].append(encoded[m][1][:size])
+            if m in probs:
+                routing[m].append(probs[m][:size])
+    codes = {m: np.concatenate(v) for m, v in codes.items()}
+    vectors = {m: np.concatenate(v) for m, v in vectors.items()}
+    routing = {m: np.concatenate(v) for m, v in routing.items() if v}
+    return codes, vectors, routing
+
+
+def evaluate_stage(config: ml_collections.ConfigDict, stage: StageSpec, state: TrainState,
+                   workdir: str, history: list[dict]) -> dict:
+    """Scores every pair of the modalities learned up to `stage` (and the forgetting since `history`,
+    the results of the earlier stages); writes the code-usage plot; returns the stage's result."""
+    available = pipeline.dataset_modalities(config.eval.data)
+    modalities = tuple(m for m in stage.seen_modalities if m in available)
+    if len(modalities) < 2:
+        raise ValueError(f"config.eval.data provides {available}: fewer than two of the learned modalities "
+                         f"{stage.seen_modalities} to evaluate.")
+    model, _ = model_lib.build_models(config, stage)
+    variables = {"params": optim.merge_params(state.params, state.frozen), "quantizer": state.quantizer}
+    splits = {}
+    for split in ("train", "test"):
+        data = pipeline.load_split(config.eval.data, split, modalities=modalities,
+                                   max_examples=config.eval.max_examples)
+        codes, vectors, routing = encode_split(model, variables, data, modalities, config.eval.batch_size)
+        splits[split] = (data, codes, vectors, routing)
+
+    def labelled(split):
+        data, _, vectors, _ = splits[split]
+        return {m: eval_lib.LabelledFeatures(vectors[m], data["label"], data["step_labels"]) for m in modalities}
+
+    head_config = eval_lib.HeadTrainConfig(learning_rate=config.eval.head_learning_rate, steps=config.eval.head_steps,
+                                           batch_size=config.eval.head_batch_size, seed=config.seed)
+    metrics = eval_lib.cross_modal_scores(labelled("train"), labelled("test"), modalities=modalities,
+                                          config=head_config)
+    test_data, test_codes, test_vectors, test_routing = splits["test"]
+    metrics.update(eval_lib.retrieval_scores(
+        test_vectors, {m: test_data["label"] for m in modalities}, modalities=modalities, paired=config.eval.paired))
+    active = int(state.quantizer["quantizer"]["active_count"])
+    metrics.update(eval_lib.codebook_usage(test_codes, active, modalities))
+    if test_routing:
+        metrics.update(eval_lib.routing_load(test_routing, modalities))
+
+    result = {"name": stage.name, "modalities": list(stage.modalities), "metrics": metrics}
+    learned_at = {}  # pair metrics first measured in an EARLIER stage: only those can be forgotten
+    for index, earlier in enumerate(history):
+        for key in earlier["metrics"]:
+            if key.split("/")[0] in ("classification", "localisation", "retrieval"):
+                learned_at.setdefault(key, index)
+    result["metrics"].update(eval_lib.forgetting([s["metrics"] for s in [*history, result]], learned_at))
+
+    results_dir = epath.Path(workdir) / "results"
+    report.plot_code_usage(results_dir / f"code_usage_{stage.folder}.png",
+                           eval_lib.code_usage_counts(test_codes, active, modalities), modalities)
+    return result
+
+
+def stage_table(history: list[dict]) -> str:
+    """The console table of the latest stage: one row per modality pair."""
+    latest = history[-1]
+    rows, columns = report.pair_rows(latest["metrics"], [s["modalities"] for s in history])
+    return f"\n{latest['name']}:\n" + report.format_table(rows, columns)
