@@ -11,8 +11,9 @@ Per modality m (submodule names end in `_{m}`, so freezing regexes can select a 
   layers (4 heads, FFN 1024, ReLU, dropout 0.1), no positional encoding.
 * `specific_encoder_{m}`: [T, D] inputs: ReLU(Dense(D -> specific_dim)). [T, H, W, C] inputs, per
   frame: Conv3×3 VALID C -> c1, ReLU, Conv3×3 VALID c1 -> c2, ReLU, Conv1×1 c2 -> c2, residual
-  stack (one layer: x + Conv1×1(ReLU(Conv3×3 SAME(ReLU x))), both without bias; final ReLU): a
-  [H-4, W-4, c2] map for the decoder; plus the "CLUB feature": spatial average -> Dense(c2 -> c1),
+  stack (one layer: ReLU x + Conv1×1(ReLU(Conv3×3 SAME(ReLU x))), both without bias, the skip
+  path rectified by the reference's in-place ReLU; final ReLU): a [H-4, W-4, c2] map for the
+  decoder; plus the "CLUB feature": spatial average -> Dense(c2 -> c1),
   ReLU, Dense(c1 -> video_club_dim), the CLUB target y of a video modality.
 * `decoder_{m}` (reconstructs batch[m] from the straight-through code vector and the specific
   features): [T, D]: Dense(-> D) of concat(Dense(q -> specific_dim), specific). Video: Dense(q -> q)
@@ -327,18 +328,27 @@ class SemanticEncoder(nn.Module):
 
 
 class ResidualStack(nn.Module):
-    """The reference's one-layer `ResidualStack` on NHWC maps: relu(x + W1x1 relu(W3x3 relu(x)))."""
+    """The reference's one-layer `ResidualStack` on NHWC maps, in-place ReLU included.
+
+        y = relu(relu(x) + W1x1 relu(W3x3 relu(x)))          (both convolutions without bias)
+
+    The reference's residual block starts with `nn.ReLU(inplace=True)`, which overwrites the
+    block input x with relu(x) before the residual addition `x + block(x)`; so the skip path
+    carries relu(x), not x. The two differ wherever x < 0, which happens at both call sites (the
+    video encoder's 1x1 conv output and the decoder's first transposed conv are not rectified).
+    """
 
     hidden: int
     dtype: Dtype | None = None
 
     @nn.compact
     def __call__(self, inputs: Array) -> Array:
+        rectified = nn.relu(inputs)  # The reference's in-place ReLU: also the skip path's value.
         hidden = Conv(self.hidden, 3, "SAME", use_bias=False, dtype=self.dtype, name="conv_3x3")(
-            nn.relu(inputs))
+            rectified)
         residual = Conv(inputs.shape[-1], 1, use_bias=False, dtype=self.dtype, name="conv_1x1")(
             nn.relu(hidden))
-        return nn.relu(inputs + residual)
+        return nn.relu(rectified + residual)
 
 
 class FeatureSpecificEncoder(nn.Module):
