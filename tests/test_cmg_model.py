@@ -330,7 +330,16 @@ def test_config_from_config_dict_and_errors():
     assert config.input_shapes == (("audio", (10, 128)), ("text", (10, 768)))
     assert (config.codebook_capacity, config.initial_active_codes) == (512, 400)
     assert config.adapter_experts == 6
+    assert config.ema_order == ("audio", "video", "text")  # the reference's MM-EMA order
     assert hash(config) == hash(CMGModelConfig.from_config(cfg))
+    cfg.quantizer.ema_order = ["text", "audio"]
+    assert CMGModelConfig.from_config(cfg).ema_order == ("text", "audio")
+    bound = CMGModel(CMGModelConfig.from_config(cfg)).bind({})
+    assert bound.quantizer.ema_order == ("text", "audio")
+    cfg.quantizer.ema_order = ("text", "text")
+    with pytest.raises(ValueError, match="ema_order"):
+        CMGModelConfig.from_config(cfg)
+    del cfg.quantizer["ema_order"]
 
     cfg.model.num_layer = 3
     with pytest.raises(ValueError, match="num_layer"):

@@ -70,13 +70,13 @@ from unialign_jax.nn.layers import (
     TransformerEncoderLayer,
 )
 from unialign_jax.nn.moe import CMoEAdapter
-from unialign_jax.nn.quantizer import VectorQuantizer
+from unialign_jax.nn.quantizer import REFERENCE_EMA_ORDER, VectorQuantizer
 
 Array = jax.Array
 
 _QUANTIZER_FIELDS = (
     "codebook_capacity", "initial_active_codes", "decay", "epsilon", "own_feature_weight",
-    "dead_code_steps", "active_code_steps", "restart_noise", "reset_ema_on_restart",
+    "dead_code_steps", "active_code_steps", "restart_noise", "reset_ema_on_restart", "ema_order",
 )
 _VIDEO_POOLING = ("sum", "attention")
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -137,6 +137,7 @@ class CMGModelConfig:
     active_code_steps: int = 100
     restart_noise: float = 1 / 1024
     reset_ema_on_restart: bool = False
+    ema_order: tuple[str, ...] = REFERENCE_EMA_ORDER  # MM-EMA update priority (VectorQuantizer).
 
     def __post_init__(self) -> None:
         modalities = tuple(self.modalities)
@@ -153,6 +154,7 @@ class CMGModelConfig:
         object.__setattr__(self, "input_shapes", input_shapes)
         object.__setattr__(self, "specific_dims", tuple(sorted(specific.items())))
         object.__setattr__(self, "video_encoder_channels", tuple(self.video_encoder_channels))
+        object.__setattr__(self, "ema_order", tuple(self.ema_order))
         for modality, shape in input_shapes:
             self._check_input_shape(modality, shape, specific)
         if self.semantic_dim % self.num_heads:
@@ -172,6 +174,9 @@ class CMGModelConfig:
                              f"adapter_experts, got {self.adapter_experts}, {self.adapter_top_k}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"model.dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if len(set(self.ema_order)) != len(self.ema_order):
+            raise ValueError(f"quantizer.ema_order must name distinct modalities, got "
+                             f"{self.ema_order}")
         if not 0 < self.initial_active_codes <= self.codebook_capacity:
             raise ValueError(f"quantizer.initial_active_codes={self.initial_active_codes} must be "
                              f"in [1, quantizer.codebook_capacity={self.codebook_capacity}]")
@@ -477,7 +482,7 @@ class CMGModel(nn.Module):
         self.quantizer = VectorQuantizer(
             codebook_capacity=config.codebook_capacity, code_dim=config.semantic_dim,
             initial_active_codes=config.initial_active_codes, modalities=config.modalities,
-            decay=config.decay, epsilon=config.epsilon,
+            ema_order=config.ema_order, decay=config.decay, epsilon=config.epsilon,
             own_feature_weight=config.own_feature_weight,
             dead_code_steps=config.dead_code_steps, active_code_steps=config.active_code_steps,
             restart_noise=config.restart_noise, reset_ema_on_restart=config.reset_ema_on_restart)
