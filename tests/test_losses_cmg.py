@@ -13,6 +13,7 @@ from unialign_jax.losses import (
     club_mi_upper_bound,
     cmcm_loss,
     commitment_loss,
+    cpc_top1_accuracy,
     cross_cpc_loss,
     reconstruction_loss,
     sample_cpc_time_index,
@@ -171,13 +172,23 @@ def test_sample_cpc_time_index_covers_reference_range():
         sample_cpc_time_index(jax.random.key(0), seq_len=3, prediction_steps=2)
 
 
+def numpy_reference_cpc_accuracy(scores, normalize_over="predictions"):
+    """The CMG code's CPC accuracy for one [B, B] score matrix (target i, prediction j):
+    `argmax(nn.Softmax()(G), dim=0) == arange(B)`, `nn.Softmax()` normalising dim 1 of a 2-D input.
+    With normalize_over="targets" the two axes swap (softmax over dim 0, argmax over dim 1)."""
+    g = scores if normalize_over == "predictions" else scores.T
+    probabilities = np.exp(g - g.max(axis=1, keepdims=True))
+    probabilities /= probabilities.sum(axis=1, keepdims=True)  # softmax over dim 1
+    return np.mean(np.argmax(probabilities, axis=0) == np.arange(len(g)))  # argmax over dim 0
+
+
 def numpy_cross_cpc(semantic, predictions, t, modalities, normalize_over, weights):
     batch, _, steps, _ = predictions[modalities[0]].shape
     total, accuracies = 0.0, {}
     for x in modalities:
         for y in modalities:
             pair_weight = 0.1 if x == y else 1.0
-            hits = []
+            step_accuracies = []
             for k in range(steps):
                 scores = np.zeros((batch, batch))
                 for i in range(batch):
@@ -187,8 +198,8 @@ def numpy_cross_cpc(semantic, predictions, t, modalities, normalize_over, weight
                     candidates = scores[i, :] if normalize_over == "predictions" else scores[:, i]
                     log_prob = scores[i, i] - logsumexp(candidates)
                     total += pair_weight * weights[x][i, t + 1 + k] * weights[y][i, t] * log_prob
-                    hits.append(np.argmax(candidates) == i)
-            accuracies[f"accuracy_{x}_from_{y}"] = np.mean(hits)
+                step_accuracies.append(numpy_reference_cpc_accuracy(scores, normalize_over))
+            accuracies[f"accuracy_{x}_from_{y}"] = np.mean(step_accuracies)
     return -total / (batch * steps), accuracies
 
 
@@ -223,6 +234,34 @@ def test_cross_cpc_loss_matches_numpy(precision, modalities, steps, normalize_ov
     assert metrics.keys() == accuracies.keys()
     for name, accuracy in accuracies.items():
         np.testing.assert_allclose(metrics[name], accuracy, err_msg=name)
+
+
+# Target i · prediction j. Row argmax: 3/3 right; column argmax of G: 1/3; the reference's column
+# argmax of the row-softmax: 2/3 (prediction 1's most probable target is 0: P[0, 1] = 0.470 >
+# P[1, 1] = 0.378, because row 1 is flat).
+NON_SYMMETRIC_SCORES = np.array([[1.0, 0.9, -3.0], [0.0, 0.1, -0.2], [2.0, -3.0, 2.5]])
+
+
+def test_cpc_accuracy_is_the_references_column_argmax_of_the_row_softmax(precision):
+    dtype, _ = precision
+    scores = NON_SYMMETRIC_SCORES.astype(dtype)
+    expected = numpy_reference_cpc_accuracy(NON_SYMMETRIC_SCORES)
+    assert expected == pytest.approx(2 / 3)
+    assert np.mean(np.argmax(NON_SYMMETRIC_SCORES, axis=1) == np.arange(3)) == 1.0  # the old metric
+    np.testing.assert_allclose(jax.jit(cpc_top1_accuracy)(scores), expected)
+    np.testing.assert_allclose(cpc_top1_accuracy(scores.T, axis=-2), expected)
+
+    # Through the loss: targets z_x[i, t+1] = G[i], predictions p_y[j, t] = e_j, so the scores are G.
+    semantic = np.zeros((3, 3, 3), dtype)
+    semantic[:, 2] = scores
+    predictions = np.zeros((3, 3, 1, 3), dtype)
+    predictions[:, 1, 0] = np.eye(3, dtype=dtype)
+    modalities = ("audio", "video")
+    _, metrics = cross_cpc_loss({m: jnp.asarray(semantic) for m in modalities},
+                                {m: jnp.asarray(predictions) for m in modalities},
+                                jnp.int32(1), modalities)
+    for x, y in itertools.product(modalities, modalities):
+        np.testing.assert_allclose(metrics[f"accuracy_{x}_from_{y}"], expected)
 
 
 def test_cross_cpc_loss_rejects_bad_arguments():
