@@ -8,6 +8,7 @@ from unialign_jax.losses.cmg import (
     cpc_top1_accuracy,
     cross_cpc_loss,
     reconstruction_loss,
+    sample_club_permutations,
     sample_cpc_time_index,
 )
 from unialign_jax.losses.contrastive import (
@@ -42,6 +43,7 @@ __all__ = [
     "l2_normalize",
     "model_distillation_loss",
     "reconstruction_loss",
+    "sample_club_permutations",
     "sample_cpc_time_index",
     "soft_modality_binding_loss",
     "unialign_total_loss",

@@ -235,6 +235,19 @@ def club_log_likelihood(mu: jax.Array, logvar: jax.Array, y: jax.Array) -> jax.A
     return jnp.mean(per_position) / 2
 
 
+def sample_club_permutations(
+    rng: jax.Array, batch_size: int, modalities: Modalities
+) -> dict[str, jax.Array]:
+    """One independent batch permutation per modality for the CLUB negatives ({m: int32 [B]}).
+
+    The reference's `CLUBSample_group.mi_est` draws its own `torch.randperm(B)` on every call, one
+    call per modality, so each modality's negatives are shuffled independently. Here `rng` is split
+    into len(modalities) keys, one per modality in the given order.
+    """
+    keys = jax.random.split(rng, len(modalities))
+    return {m: jax.random.permutation(key, batch_size) for m, key in zip(modalities, keys)}
+
+
 def club_mi_upper_bound(
     mu: jax.Array, logvar: jax.Array, y: jax.Array, permutation: jax.Array
 ) -> jax.Array:
@@ -248,7 +261,8 @@ def club_mi_upper_bound(
       L_MI       = mean_b Σ_d (pos − neg) / 2,
 
     with one random batch permutation π (`permutation`, int [B]) giving a single shuffled negative
-    per sample, instead of the paper's average over all pairs E_p(x) E_p(y).
+    per sample, instead of the paper's average over all pairs E_p(x) E_p(y). The reference draws a
+    fresh π for every modality's estimate (see `sample_club_permutations`).
     """
     variance = jnp.exp(jnp.mean(logvar, axis=1))
     positive = -jnp.mean(jnp.square(mu - y), axis=1) / variance
