@@ -142,10 +142,11 @@ def cpc_top1_accuracy(scores: jax.Array, axis: int = -1) -> jax.Array:
       P = softmax(G, axis),   acc = mean_{..., c} [argmax over the OTHER axis of P, at c, = c].
 
     With `axis=-1` (the reference, `Cross_CPC` / `Cross_CPC_AVT` of the NeurIPS code:
-    `argmax(softmax(G), dim=0)`, where `nn.Softmax()` on a 2-D tensor normalises dim 1), column j of the row-normalised P asks whether target j is the
-    most probable target for prediction j. The argmax runs across rows that each have their own
-    normaliser, so this is neither the row argmax of G (the softmax's own axis) nor the column
-    argmax of G. `axis=-2` is the same with the two axes swapped.
+    `argmax(softmax(G), dim=0)`, where `nn.Softmax()` on a 2-D tensor normalises dim 1), column j
+    of the row-normalised P asks whether target j is the most probable target for prediction j.
+    The argmax runs across rows that each have their own normaliser, so this is neither the row
+    argmax of G (the softmax's own axis) nor the column argmax of G. `axis=-2` is the same with
+    the two axes swapped.
     """
     if axis not in (-1, -2):
         raise ValueError(f"cpc_top1_accuracy normalises over axis -1 or -2, got {axis}.")
