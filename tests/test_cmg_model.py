@@ -13,6 +13,7 @@ from unialign_jax.nn.cmg import (
     CMGModel,
     CMGModelConfig,
     CPCHead,
+    ResidualStack,
     VideoSpatialPooler,
     reference_config,
 )
@@ -269,6 +270,45 @@ def test_video_pooler_sum_reproduces_reference_and_attention_is_convex():
     np.testing.assert_allclose(attended[0, 0], pixel * (1 + gate), rtol=1e-5)
 
 
+def numpy_reference_residual_stack(x, kernel_3x3, kernel_1x1):
+    """The reference's one-layer ResidualStack (main_model_2.py `ResidualLayer` + `ResidualStack`)
+    on one NHWC map in float64, its in-place ReLU written out as a write into x.
+
+    Reference: res_block = Sequential(ReLU(inplace=True), Conv3x3(pad 1, no bias),
+    ReLU(inplace=True), Conv1x1(no bias)); layer(x) = x + res_block(x); stack: F.relu(layer(x)).
+    The first ReLU modifies x itself, so the sum sees the rectified x.
+    """
+    x = np.array(x, np.float64)
+    np.maximum(x, 0.0, out=x)  # nn.ReLU(inplace=True) on the block input.
+    height, width, _ = x.shape
+    padded = np.pad(x, ((1, 1), (1, 1), (0, 0)))
+    hidden = np.zeros((height, width, kernel_3x3.shape[-1]))
+    for h in range(height):
+        for w in range(width):
+            for i in range(3):
+                for j in range(3):
+                    hidden[h, w] += padded[h + i, w + j] @ kernel_3x3[i, j]  # cross-correlation
+    np.maximum(hidden, 0.0, out=hidden)  # the second in-place ReLU
+    residual = hidden @ kernel_1x1[0, 0]
+    return np.maximum(x + residual, 0.0), residual
+
+
+def test_residual_stack_skip_path_is_rectified_as_in_the_reference(precision):
+    dtype, rtol = precision
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1, 4, 5, 3)).astype(dtype)
+    assert (x < 0).any()
+    params = {"conv_3x3": {"kernel": rng.normal(size=(3, 3, 3, 6)).astype(dtype)},
+              "conv_1x1": {"kernel": rng.normal(size=(1, 1, 6, 3)).astype(dtype)}}
+    result = jax.jit(ResidualStack(6).apply)({"params": params}, x)
+    kernels = [np.asarray(params[name]["kernel"], np.float64) for name in ("conv_3x3", "conv_1x1")]
+    expected, residual = numpy_reference_residual_stack(x[0], *kernels)
+    np.testing.assert_allclose(result[0], expected, rtol=rtol, atol=rtol)
+    # relu(x + residual), with the un-rectified skip path, differs where x < 0.
+    unrectified_skip = np.maximum(np.asarray(x[0], np.float64) + residual, 0.0)
+    assert np.abs(unrectified_skip - expected).max() > 0.1
+
+
 def test_club_estimators():
     config = tiny_config(("video", "text"))
     club = CLUBEstimators.for_model(config)
@@ -290,7 +330,16 @@ def test_config_from_config_dict_and_errors():
     assert config.input_shapes == (("audio", (10, 128)), ("text", (10, 768)))
     assert (config.codebook_capacity, config.initial_active_codes) == (512, 400)
     assert config.adapter_experts == 6
+    assert config.ema_order == ("audio", "video", "text")  # the reference's MM-EMA order
     assert hash(config) == hash(CMGModelConfig.from_config(cfg))
+    cfg.quantizer.ema_order = ["text", "audio"]
+    assert CMGModelConfig.from_config(cfg).ema_order == ("text", "audio")
+    bound = CMGModel(CMGModelConfig.from_config(cfg)).bind({})
+    assert bound.quantizer.ema_order == ("text", "audio")
+    cfg.quantizer.ema_order = ("text", "text")
+    with pytest.raises(ValueError, match="ema_order"):
+        CMGModelConfig.from_config(cfg)
+    del cfg.quantizer["ema_order"]
 
     cfg.model.num_layer = 3
     with pytest.raises(ValueError, match="num_layer"):

@@ -13,10 +13,13 @@ from unialign_jax.losses import (
     club_mi_upper_bound,
     cmcm_loss,
     commitment_loss,
+    cpc_top1_accuracy,
     cross_cpc_loss,
     reconstruction_loss,
+    sample_club_permutations,
     sample_cpc_time_index,
 )
+from unialign_jax.losses.objective import cmg_objective
 
 BIMODAL = ("video", "text")
 TRIMODAL = ("audio", "video", "text")
@@ -171,13 +174,23 @@ def test_sample_cpc_time_index_covers_reference_range():
         sample_cpc_time_index(jax.random.key(0), seq_len=3, prediction_steps=2)
 
 
+def numpy_reference_cpc_accuracy(scores, normalize_over="predictions"):
+    """The CMG code's CPC accuracy for one [B, B] score matrix (target i, prediction j):
+    `argmax(nn.Softmax()(G), dim=0) == arange(B)`, `nn.Softmax()` normalising dim 1 of a 2-D input.
+    With normalize_over="targets" the two axes swap (softmax over dim 0, argmax over dim 1)."""
+    g = scores if normalize_over == "predictions" else scores.T
+    probabilities = np.exp(g - g.max(axis=1, keepdims=True))
+    probabilities /= probabilities.sum(axis=1, keepdims=True)  # softmax over dim 1
+    return np.mean(np.argmax(probabilities, axis=0) == np.arange(len(g)))  # argmax over dim 0
+
+
 def numpy_cross_cpc(semantic, predictions, t, modalities, normalize_over, weights):
     batch, _, steps, _ = predictions[modalities[0]].shape
     total, accuracies = 0.0, {}
     for x in modalities:
         for y in modalities:
             pair_weight = 0.1 if x == y else 1.0
-            hits = []
+            step_accuracies = []
             for k in range(steps):
                 scores = np.zeros((batch, batch))
                 for i in range(batch):
@@ -187,8 +200,8 @@ def numpy_cross_cpc(semantic, predictions, t, modalities, normalize_over, weight
                     candidates = scores[i, :] if normalize_over == "predictions" else scores[:, i]
                     log_prob = scores[i, i] - logsumexp(candidates)
                     total += pair_weight * weights[x][i, t + 1 + k] * weights[y][i, t] * log_prob
-                    hits.append(np.argmax(candidates) == i)
-            accuracies[f"accuracy_{x}_from_{y}"] = np.mean(hits)
+                step_accuracies.append(numpy_reference_cpc_accuracy(scores, normalize_over))
+            accuracies[f"accuracy_{x}_from_{y}"] = np.mean(step_accuracies)
     return -total / (batch * steps), accuracies
 
 
@@ -225,6 +238,34 @@ def test_cross_cpc_loss_matches_numpy(precision, modalities, steps, normalize_ov
         np.testing.assert_allclose(metrics[name], accuracy, err_msg=name)
 
 
+# Target i · prediction j. Row argmax: 3/3 right; column argmax of G: 1/3; the reference's column
+# argmax of the row-softmax: 2/3 (prediction 1's most probable target is 0: P[0, 1] = 0.470 >
+# P[1, 1] = 0.378, because row 1 is flat).
+NON_SYMMETRIC_SCORES = np.array([[1.0, 0.9, -3.0], [0.0, 0.1, -0.2], [2.0, -3.0, 2.5]])
+
+
+def test_cpc_accuracy_is_the_references_column_argmax_of_the_row_softmax(precision):
+    dtype, _ = precision
+    scores = NON_SYMMETRIC_SCORES.astype(dtype)
+    expected = numpy_reference_cpc_accuracy(NON_SYMMETRIC_SCORES)
+    assert expected == pytest.approx(2 / 3)
+    assert np.mean(np.argmax(NON_SYMMETRIC_SCORES, axis=1) == np.arange(3)) == 1.0  # the old metric
+    np.testing.assert_allclose(jax.jit(cpc_top1_accuracy)(scores), expected)
+    np.testing.assert_allclose(cpc_top1_accuracy(scores.T, axis=-2), expected)
+
+    # Through the loss: targets z_x[i, t+1] = G[i], predictions p_y[j, t] = e_j, so the scores are G.
+    semantic = np.zeros((3, 3, 3), dtype)
+    semantic[:, 2] = scores
+    predictions = np.zeros((3, 3, 1, 3), dtype)
+    predictions[:, 1, 0] = np.eye(3, dtype=dtype)
+    modalities = ("audio", "video")
+    _, metrics = cross_cpc_loss({m: jnp.asarray(semantic) for m in modalities},
+                                {m: jnp.asarray(predictions) for m in modalities},
+                                jnp.int32(1), modalities)
+    for x, y in itertools.product(modalities, modalities):
+        np.testing.assert_allclose(metrics[f"accuracy_{x}_from_{y}"], expected)
+
+
 def test_cross_cpc_loss_rejects_bad_arguments():
     semantic = {"video": jnp.zeros((2, 5, 3)), "text": jnp.zeros((2, 5, 3))}
     predictions = {"video": jnp.zeros((2, 5, 1, 3)), "text": jnp.zeros((2, 4, 1, 3))}
@@ -251,23 +292,93 @@ def test_club_log_likelihood_matches_numpy(precision):
     np.testing.assert_allclose(jax.jit(club_log_likelihood)(mu, logvar, y), expected, rtol=rtol)
 
 
+def numpy_club_mi(mu, logvar, y, permutation):
+    """`CLUBSample_group.mi_est` in float64 for [B, T, D] inputs and its batch permutation."""
+    m, lv, yy = (np.asarray(a, np.float64) for a in (mu, logvar, y))
+    per_sample = []
+    for b in range(len(m)):
+        variance = np.exp(lv[b].mean(0))  # [D], log-variance averaged over T first
+        positive = -((m[b] - yy[b]) ** 2).mean(0) / variance
+        negative = -((m[b] - yy[permutation[b]]) ** 2).mean(0) / variance
+        per_sample.append(np.sum(positive - negative) / 2)
+    return np.mean(per_sample)
+
+
 def test_club_mi_upper_bound_matches_numpy(precision):
     dtype, rtol = precision
     rng = np.random.default_rng(12)
     mu, logvar, y = (rng.normal(size=(4, 3, 5)).astype(dtype) for _ in range(3))
     permutation = np.array([2, 0, 3, 1])
-    m, lv, yy = (a.astype(np.float64) for a in (mu, logvar, y))
-    per_sample = []
-    for b in range(4):
-        variance = np.exp(lv[b].mean(0))  # [D], log-variance averaged over T first
-        positive = -((m[b] - yy[b]) ** 2).mean(0) / variance
-        negative = -((m[b] - yy[permutation[b]]) ** 2).mean(0) / variance
-        per_sample.append(np.sum(positive - negative) / 2)
     result = jax.jit(club_mi_upper_bound)(mu, logvar, y, permutation)
-    np.testing.assert_allclose(result, np.mean(per_sample), rtol=rtol)
+    np.testing.assert_allclose(result, numpy_club_mi(mu, logvar, y, permutation), rtol=rtol)
 
 
 def test_club_mi_upper_bound_is_zero_for_identity_permutation():
     rng = np.random.default_rng(13)
     mu, logvar, y = (jnp.asarray(rng.normal(size=(4, 3, 5))) for _ in range(3))
     assert club_mi_upper_bound(mu, logvar, y, jnp.arange(4)) == 0.0
+
+
+def test_sample_club_permutations_one_independent_permutation_per_modality():
+    permutations = jax.jit(sample_club_permutations, static_argnums=(1, 2))(
+        jax.random.key(0), 16, TRIMODAL)
+    assert set(permutations) == set(TRIMODAL)
+    for permutation in permutations.values():
+        assert permutation.shape == (16,)
+        assert sorted(np.asarray(permutation).tolist()) == list(range(16))
+    rows = [tuple(np.asarray(p).tolist()) for p in permutations.values()]
+    assert len(set(rows)) == 3  # independent draws (equal ones have probability ~1e-13)
+    again = sample_club_permutations(jax.random.key(0), 16, TRIMODAL)
+    for m in TRIMODAL:
+        np.testing.assert_array_equal(again[m], permutations[m])
+
+
+def _objective_inputs(modalities, dtype, seed):
+    """Small random model outputs for `cmg_objective` (B=4, T=5, D=3, 6 codes, CLUB y size 2)."""
+    rng = np.random.default_rng(seed)
+
+    def per_modality(*shape):
+        return {m: jnp.asarray(rng.normal(size=shape).astype(dtype)) for m in modalities}
+
+    outputs = {
+        "reconstruction": per_modality(4, 5, 7),
+        "semantic": per_modality(4, 5, 3),
+        "code_vectors": per_modality(4, 5, 3),
+        "squared_distances": {m: jnp.asarray(rng.uniform(0.1, 4.0, (4, 5, 6)).astype(dtype))
+                              for m in modalities},
+        "active_mask": jnp.asarray([True] * 5 + [False]),
+        "cpc_predictions": per_modality(4, 5, 1, 3),
+        "specific": per_modality(4, 5, 2),
+    }
+    estimates = {m: (mu, logvar) for m, mu, logvar in zip(
+        modalities, per_modality(4, 5, 2).values(), per_modality(4, 5, 2).values())}
+    return outputs, estimates, per_modality(4, 5, 7)
+
+
+def test_cmg_objective_uses_each_modalitys_own_club_permutation(precision):
+    dtype, rtol = precision
+    modalities = ("audio", "text")
+    outputs, estimates, targets = _objective_inputs(modalities, dtype, seed=14)
+    permutations = {"audio": np.array([1, 2, 3, 0]), "text": np.array([3, 2, 0, 1])}
+    objective = jax.jit(functools.partial(
+        cmg_objective, modalities=modalities,
+        weights={"reconstruction": 1.0, "commitment": 1.0, "cmcm": 1.0, "cpc": 1.0, "club": 1.0},
+        commitment_beta=0.25))
+
+    _, metrics = objective(outputs, estimates, targets, cpc_time_index=jnp.int32(1),
+                           club_permutations={m: jnp.asarray(p) for m, p in permutations.items()})
+
+    expected = {m: numpy_club_mi(*estimates[m], outputs["specific"][m], permutations[m])
+                for m in modalities}
+    for m in modalities:
+        np.testing.assert_allclose(metrics[f"club/mi_{m}"], expected[m], rtol=rtol)
+    np.testing.assert_allclose(metrics["loss/club"], sum(expected.values()), rtol=rtol)
+    shared = numpy_club_mi(*estimates["text"], outputs["specific"]["text"], permutations["audio"])
+    assert abs(shared - expected["text"]) > 1e-3  # one shared permutation would give another value
+
+    with pytest.raises(KeyError, match=r"club_permutations has no entry for modalities \['text'\]"):
+        cmg_objective(outputs, estimates, targets, modalities=modalities,
+                      weights={"reconstruction": 1.0, "commitment": 1.0, "cmcm": 1.0, "cpc": 1.0,
+                               "club": 1.0},
+                      commitment_beta=0.25, cpc_time_index=jnp.int32(1),
+                      club_permutations={"audio": jnp.asarray(permutations["audio"])})

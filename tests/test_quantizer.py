@@ -75,26 +75,29 @@ def _numpy_mm_ema(state, features, order, *, decay, epsilon, own_weight):
 
 
 @pytest.mark.parametrize(
-    "modalities, present",
+    "modalities, present, ema_order, order",
     [
-        (("audio", "text"), ("audio", "text")),
-        (("video", "audio", "text"), ("video", "audio", "text")),
-        (("text", "audio", "video"), ("video", "audio", "text")),  # Reversed update order.
-        (("video", "audio", "text"), ("audio", "text")),  # COMET stage 2: video absent.
+        (("text", "audio"), ("audio", "text"), None, ("audio", "text")),
+        (("video", "text", "audio"), ("video", "audio", "text"), None, ("audio", "video", "text")),
+        (("video", "audio", "text"), ("video", "audio", "text"), ("text", "audio", "video"),
+         ("text", "audio", "video")),
+        (("video", "audio", "text"), ("audio", "text"), None, ("audio", "text")),  # COMET stage 2.
+        (("depth", "text", "image"), ("image", "text", "depth"), None, ("text", "depth", "image")),
     ],
+    ids=["bimodal", "trimodal-default", "trimodal-custom-order", "video-absent", "non-reference"],
 )
-def test_mm_ema_step_matches_hand_computation(modalities, present):
+def test_mm_ema_step_matches_hand_computation(modalities, present, ema_order, order):
     rng = np.random.default_rng(0)
     # Large ε and small γ make Laplace smoothing (with M = 5 active codes, not 6) and the
     # sequential order visible far above float32 noise.
     decay, epsilon = 0.8, 0.3
     state = _random_state(rng, capacity=6, active=5)
     features = {m: jnp.asarray(rng.normal(size=(2, 4, CODE_DIM)), jnp.float32) for m in present}
-    module = _quantizer(modalities, decay=decay, epsilon=epsilon)
+    order_setting = {} if ema_order is None else {"ema_order": ema_order}
+    module = _quantizer(modalities, decay=decay, epsilon=epsilon, **order_setting)
 
     output, new_state = _apply(module, state, features, update=True)
 
-    order = tuple(m for m in modalities if m in present)
     codes, expected = _numpy_mm_ema(
         state, features, order, decay=decay, epsilon=epsilon, own_weight=0.5)
     for m in present:
@@ -110,6 +113,86 @@ def test_mm_ema_step_matches_hand_computation(modalities, present):
     _, other_order = _numpy_mm_ema(
         state, features, order[::-1], decay=decay, epsilon=epsilon, own_weight=0.5)
     assert not np.allclose(new_state["embedding"], other_order["embedding"], rtol=1e-3)
+
+
+def _numpy_reference_mm_ema(state, audio, video, text=None, *, decay=0.99, epsilon=1e-5):
+    """The reference's training-mode MM-EMA in float64, transcribed block by block.
+
+    `Cross_VQEmbeddingEMA_AVT.forward` (main_model_2.py): assignments from the pre-update
+    embedding, then an audio block, a video block and a text block, each
+    `ema_count = γ·N + (1−γ)·Σ enc; n = Σ N; N = (N + ε)/(n + M·ε)·n;
+    ema_weight = γ·W + 0.5(1−γ)·enc_ownᵀ z_own + 0.25(1−γ)·enc_ownᵀ z_o1 + 0.25(1−γ)·enc_ownᵀ z_o2;
+    embedding = W / N`. Without text: the bimodal `Cross_VQEmbeddingEMA_AT` / AV forward (audio
+    block, then the other modality's block, weights 0.5/0.5). Every code is active (M = C).
+    """
+    embedding = np.asarray(state["embedding"], np.float64)
+    count = np.asarray(state["ema_count"], np.float64)
+    weight = np.asarray(state["ema_weight"], np.float64)
+    num_codes, dim = embedding.shape
+    flat = {"a": audio, "v": video, "t": text}
+    flat = {k: np.asarray(v, np.float64).reshape(-1, dim) for k, v in flat.items() if v is not None}
+    encodings = {}
+    for name, z in flat.items():
+        distances = (np.sum(embedding ** 2, axis=1) + np.sum(z ** 2, axis=1, keepdims=True)
+                     - 2.0 * z @ embedding.T)
+        encodings[name] = np.eye(num_codes)[np.argmin(distances, axis=-1)]
+    blocks = ([("a", "v", "t"), ("v", "a", "t"), ("t", "a", "v")] if text is not None
+              else [("a", "v"), ("v", "a")])
+    for own, *others in blocks:
+        enc = encodings[own]
+        count = decay * count + (1 - decay) * enc.sum(axis=0)
+        n = count.sum()
+        count = (count + epsilon) / (n + num_codes * epsilon) * n
+        other_weight = 0.25 if text is not None else 0.5
+        weight = (decay * weight + 0.5 * (1 - decay) * enc.T @ flat[own]
+                  + sum(other_weight * (1 - decay) * enc.T @ flat[o] for o in others))
+        embedding = weight / count[:, None]
+    return {"embedding": embedding, "ema_weight": weight, "ema_count": count}
+
+
+@pytest.mark.parametrize("trimodal", [True, False], ids=["AVT", "AT"])
+def test_default_ema_order_matches_reference_and_order_matters(precision, trimodal):
+    dtype, rtol = precision
+    rng = np.random.default_rng(3)
+    capacity = 5  # all active, so the Laplace smoothing's M is the reference's
+    state = {k: jnp.asarray(v, dtype) if v.dtype.kind == "f" else v
+             for k, v in _random_state(rng, capacity, capacity).items()}
+    present = ("video", "text", "audio") if trimodal else ("text", "audio")
+    features = {m: rng.normal(size=(2, 4, CODE_DIM)).astype(dtype) for m in present}
+    # γ = 0.9 (the reference's constructor argument; 0.99 by default) makes the order effect,
+    # O((1 − γ)²), far larger than float32 noise. The modalities are listed in a non-reference
+    # order: the default ema_order must still update audio first.
+    decay = 0.9
+    module = _quantizer(present, capacity=capacity, active=capacity, decay=decay)
+    _, new_state = jax.jit(functools.partial(_apply, module, update=True))(state, features)
+
+    if trimodal:
+        expected = _numpy_reference_mm_ema(state, features["audio"], features["video"],
+                                           features["text"], decay=decay)
+    else:  # The AT quantizer's second argument is the text sequence.
+        expected = _numpy_reference_mm_ema(state, features["audio"], features["text"], decay=decay)
+    for name in ("embedding", "ema_weight", "ema_count"):
+        np.testing.assert_allclose(new_state[name], expected[name], rtol=rtol, atol=rtol, err_msg=name)
+
+    reversed_module = _quantizer(present, capacity=capacity, active=capacity, decay=decay,
+                                 ema_order=vq.REFERENCE_EMA_ORDER[::-1])
+    _, reversed_state = jax.jit(functools.partial(_apply, reversed_module, update=True))(
+        state, features)
+    difference = np.abs(np.asarray(reversed_state["embedding"]) - expected["embedding"])
+    assert difference.max() > 1e-2 * np.abs(expected["embedding"]).max()
+
+
+def test_mm_ema_update_order_is_a_priority_list():
+    assert vq.REFERENCE_EMA_ORDER == ("audio", "video", "text")
+    assert vq.mm_ema_update_order(("text", "video")) == ("video", "text")
+    assert vq.mm_ema_update_order(("depth", "text", "image", "audio")) == (
+        "audio", "text", "depth", "image")
+    assert vq.mm_ema_update_order(("video", "text"), ("text", "point")) == ("text", "video")
+    with pytest.raises(ValueError, match="distinct"):
+        vq.mm_ema_update_order(("audio",), ("audio", "audio"))
+    module = _quantizer(("audio", "text"), ema_order=("text", "text"))
+    with pytest.raises(ValueError, match="distinct"):
+        module.init(jax.random.key(0), {"audio": jnp.zeros((1, 2, CODE_DIM))}, update=False)
 
 
 def test_inactive_codes_never_chosen_even_when_closest():

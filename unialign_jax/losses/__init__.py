@@ -5,8 +5,10 @@ from unialign_jax.losses.cmg import (
     club_mi_upper_bound,
     cmcm_loss,
     commitment_loss,
+    cpc_top1_accuracy,
     cross_cpc_loss,
     reconstruction_loss,
+    sample_club_permutations,
     sample_cpc_time_index,
 )
 from unialign_jax.losses.contrastive import (
@@ -31,6 +33,7 @@ __all__ = [
     "club_mi_upper_bound",
     "cmcm_loss",
     "commitment_loss",
+    "cpc_top1_accuracy",
     "cross_cpc_loss",
     "diagonal_log_softmax",
     "diagonal_top1_accuracy",
@@ -40,6 +43,7 @@ __all__ = [
     "l2_normalize",
     "model_distillation_loss",
     "reconstruction_loss",
+    "sample_club_permutations",
     "sample_cpc_time_index",
     "soft_modality_binding_loss",
     "unialign_total_loss",

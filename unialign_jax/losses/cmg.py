@@ -13,7 +13,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from unialign_jax.losses.contrastive import diagonal_log_softmax, diagonal_top1_accuracy
+from unialign_jax.losses.contrastive import diagonal_log_softmax
 
 Modalities = Sequence[str]
 
@@ -135,6 +135,27 @@ def sample_cpc_time_index(rng: jax.Array, seq_len: int, prediction_steps: int) -
     return jax.random.randint(rng, (), 1, seq_len - prediction_steps, dtype=jnp.int32)
 
 
+def cpc_top1_accuracy(scores: jax.Array, axis: int = -1) -> jax.Array:
+    """Cross-CPC accuracy as the CMG code logs it, for score matrices G [..., B, B] (G[i, j] =
+    target i · prediction j):
+
+      P = softmax(G, axis),   acc = mean_{..., c} [argmax over the OTHER axis of P, at c, = c].
+
+    With `axis=-1` (the reference, `Cross_CPC` / `Cross_CPC_AVT` of the NeurIPS code:
+    `argmax(softmax(G), dim=0)`, where `nn.Softmax()` on a 2-D tensor normalises dim 1), column j
+    of the row-normalised P asks whether target j is the most probable target for prediction j.
+    The argmax runs across rows that each have their own normaliser, so this is neither the row
+    argmax of G (the softmax's own axis) nor the column argmax of G. `axis=-2` is the same with
+    the two axes swapped.
+    """
+    if axis not in (-1, -2):
+        raise ValueError(f"cpc_top1_accuracy normalises over axis -1 or -2, got {axis}.")
+    probabilities = jax.nn.softmax(scores, axis=axis)
+    other_axis = -2 if axis == -1 else -1
+    hits = jnp.argmax(probabilities, axis=other_axis) == jnp.arange(scores.shape[other_axis])
+    return jnp.mean(hits.astype(jnp.float32))
+
+
 def cross_cpc_loss(
     semantic: Mapping[str, jax.Array],
     predictions: Mapping[str, jax.Array],
@@ -166,9 +187,9 @@ def cross_cpc_loss(
     scale only the positive's log-probability, the softmax normaliser is unchanged. The division
     stays B·K. Modalities absent from the mapping have weight 1.
 
-    Returns (L, metrics) with the top-1 accuracy `accuracy_{x}_from_{y}` of every pair: the fraction
-    of positives that win the arg-max along the normalised axis, averaged over the K steps (the code
-    logs the last step only; K = 1 there).
+    Returns (L, metrics) with the accuracy `accuracy_{x}_from_{y}` of every pair as the CMG code
+    computes it (`cpc_top1_accuracy`: softmax along the normalised axis, arg-max along the other),
+    averaged over the K steps (the code logs the last step only; K = 1 there).
     """
     if normalize_over not in ("predictions", "targets"):
         raise ValueError(f"normalize_over must be 'predictions' or 'targets', got {normalize_over!r}.")
@@ -199,7 +220,7 @@ def cross_cpc_loss(
             scores = jnp.einsum("ikd,jkd->kij", targets[x], contexts[y])  # [K, B, B]
             positives = diagonal_log_softmax(scores, axis) * target_weights[x] * context_weights[y]
             weighted_sum = weighted_sum + (self_weight if x == y else cross_weight) * jnp.sum(positives)
-            metrics[f"accuracy_{x}_from_{y}"] = diagonal_top1_accuracy(scores, axis)
+            metrics[f"accuracy_{x}_from_{y}"] = cpc_top1_accuracy(scores, axis)
     return -weighted_sum / (batch * steps), metrics
 
 
@@ -215,6 +236,19 @@ def club_log_likelihood(mu: jax.Array, logvar: jax.Array, y: jax.Array) -> jax.A
     return jnp.mean(per_position) / 2
 
 
+def sample_club_permutations(
+    rng: jax.Array, batch_size: int, modalities: Modalities
+) -> dict[str, jax.Array]:
+    """One independent batch permutation per modality for the CLUB negatives ({m: int32 [B]}).
+
+    The reference's `CLUBSample_group.mi_est` draws its own `torch.randperm(B)` on every call, one
+    call per modality, so each modality's negatives are shuffled independently. Here `rng` is split
+    into len(modalities) keys, one per modality in the given order.
+    """
+    keys = jax.random.split(rng, len(modalities))
+    return {m: jax.random.permutation(key, batch_size) for m, key in zip(modalities, keys)}
+
+
 def club_mi_upper_bound(
     mu: jax.Array, logvar: jax.Array, y: jax.Array, permutation: jax.Array
 ) -> jax.Array:
@@ -228,7 +262,8 @@ def club_mi_upper_bound(
       L_MI       = mean_b Σ_d (pos − neg) / 2,
 
     with one random batch permutation π (`permutation`, int [B]) giving a single shuffled negative
-    per sample, instead of the paper's average over all pairs E_p(x) E_p(y).
+    per sample, instead of the paper's average over all pairs E_p(x) E_p(y). The reference draws a
+    fresh π for every modality's estimate (see `sample_club_permutations`).
     """
     variance = jnp.exp(jnp.mean(logvar, axis=1))
     positive = -jnp.mean(jnp.square(mu - y), axis=1) / variance

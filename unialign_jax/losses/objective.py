@@ -28,7 +28,7 @@ def cmg_objective(
     weights: Mapping[str, float],
     commitment_beta: float,
     cpc_time_index: jax.Array,
-    club_permutation: jax.Array,
+    club_permutations: Mapping[str, jax.Array],
     cpc_normalize_over: str = "predictions",
     cpc_cross_weight: float = 1.0,
     cpc_self_weight: float = 0.1,
@@ -41,18 +41,21 @@ def cmg_objective(
         specific, reconstruction, cpc_predictions, optional router_probs).
       club_estimates: {m: (mu, logvar)} of the CLUB nets applied to the quantized vectors.
       targets: reconstruction targets (the raw inputs) per modality.
-      modalities: the stage's modalities, in MM-EMA / loss order.
+      modalities: the stage's modalities (the order of the loss terms and pairs; the MM-EMA order
+        is the quantizer's own `ema_order`).
       weights: `reconstruction, commitment, cmcm, cpc, club, gate`.
       commitment_beta: β of the commitment loss (reference 0.25).
       cpc_time_index: the shared random CPC time index.
-      club_permutation: batch permutation for the CLUB negative samples.
+      club_permutations: {m: int [B]} one batch permutation per modality for its CLUB negatives
+        (the reference draws one per modality; `losses.cmg.sample_club_permutations`).
       cpc_normalize_over: 'predictions' (reference) or 'targets' (paper Eq. 2).
       cpc_cross_weight, cpc_self_weight: Cross-CPC pair weights (reference 1.0 / 0.1).
       cpc_extra: optional extra CPC participant (COMET Pseudo-Modality Replay):
         {'name', 'semantic' [B,T,D], 'predictions' [B,T,K,D], 'position_weights' [B,T]}.
 
     Returns:
-      (total loss, metrics dict of scalars).
+      (total loss, metrics dict of scalars: `loss/{term}`, `loss/total`, `commitment/{m}`,
+      `club/mi_{m}` (each modality's L_MI,m) and `cpc/accuracy_{x}_from_{y}`).
     """
     recon = sum(cmg_losses.reconstruction_loss(outputs["reconstruction"][m], targets[m]) for m in modalities)
     commit, commit_metrics = cmg_losses.commitment_loss(
@@ -83,10 +86,14 @@ def cmg_objective(
         position_weights=position_weights,
     )
 
-    mi = sum(
-        cmg_losses.club_mi_upper_bound(*club_estimates[m], outputs["specific"][m], club_permutation)
+    missing = [m for m in modalities if m not in club_permutations]
+    if missing:
+        raise KeyError(f"club_permutations has no entry for modalities {missing}; it has {sorted(club_permutations)}.")
+    club_terms = {
+        m: cmg_losses.club_mi_upper_bound(*club_estimates[m], outputs["specific"][m], club_permutations[m])
         for m in modalities
-    )
+    }
+    mi = sum(club_terms.values())
 
     terms = {"reconstruction": recon, "commitment": commit, "cmcm": cmcm, "cpc": cpc, "club": mi}
     if "router_probs" in outputs:
@@ -97,6 +104,7 @@ def cmg_objective(
     total = sum(weights[name] * value for name, value in terms.items())
     metrics = {f"loss/{name}": value for name, value in terms.items()}
     metrics.update({f"commitment/{k}": v for k, v in commit_metrics.items()})
+    metrics.update({f"club/mi_{k}": v for k, v in club_terms.items()})
     metrics.update({f"cpc/{k}": v for k, v in cpc_metrics.items()})
     metrics["loss/total"] = total
     return total, metrics

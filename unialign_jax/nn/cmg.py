@@ -11,8 +11,9 @@ Per modality m (submodule names end in `_{m}`, so freezing regexes can select a 
   layers (4 heads, FFN 1024, ReLU, dropout 0.1), no positional encoding.
 * `specific_encoder_{m}`: [T, D] inputs: ReLU(Dense(D -> specific_dim)). [T, H, W, C] inputs, per
   frame: Conv3×3 VALID C -> c1, ReLU, Conv3×3 VALID c1 -> c2, ReLU, Conv1×1 c2 -> c2, residual
-  stack (one layer: x + Conv1×1(ReLU(Conv3×3 SAME(ReLU x))), both without bias; final ReLU): a
-  [H-4, W-4, c2] map for the decoder; plus the "CLUB feature": spatial average -> Dense(c2 -> c1),
+  stack (one layer: ReLU x + Conv1×1(ReLU(Conv3×3 SAME(ReLU x))), both without bias, the skip
+  path rectified by the reference's in-place ReLU; final ReLU): a [H-4, W-4, c2] map for the
+  decoder; plus the "CLUB feature": spatial average -> Dense(c2 -> c1),
   ReLU, Dense(c1 -> video_club_dim), the CLUB target y of a video modality.
 * `decoder_{m}` (reconstructs batch[m] from the straight-through code vector and the specific
   features): [T, D]: Dense(-> D) of concat(Dense(q -> specific_dim), specific). Video: Dense(q -> q)
@@ -69,13 +70,13 @@ from unialign_jax.nn.layers import (
     TransformerEncoderLayer,
 )
 from unialign_jax.nn.moe import CMoEAdapter
-from unialign_jax.nn.quantizer import VectorQuantizer
+from unialign_jax.nn.quantizer import REFERENCE_EMA_ORDER, VectorQuantizer
 
 Array = jax.Array
 
 _QUANTIZER_FIELDS = (
     "codebook_capacity", "initial_active_codes", "decay", "epsilon", "own_feature_weight",
-    "dead_code_steps", "active_code_steps", "restart_noise", "reset_ema_on_restart",
+    "dead_code_steps", "active_code_steps", "restart_noise", "reset_ema_on_restart", "ema_order",
 )
 _VIDEO_POOLING = ("sum", "attention")
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -136,6 +137,7 @@ class CMGModelConfig:
     active_code_steps: int = 100
     restart_noise: float = 1 / 1024
     reset_ema_on_restart: bool = False
+    ema_order: tuple[str, ...] = REFERENCE_EMA_ORDER  # MM-EMA update priority (VectorQuantizer).
 
     def __post_init__(self) -> None:
         modalities = tuple(self.modalities)
@@ -152,6 +154,7 @@ class CMGModelConfig:
         object.__setattr__(self, "input_shapes", input_shapes)
         object.__setattr__(self, "specific_dims", tuple(sorted(specific.items())))
         object.__setattr__(self, "video_encoder_channels", tuple(self.video_encoder_channels))
+        object.__setattr__(self, "ema_order", tuple(self.ema_order))
         for modality, shape in input_shapes:
             self._check_input_shape(modality, shape, specific)
         if self.semantic_dim % self.num_heads:
@@ -171,6 +174,9 @@ class CMGModelConfig:
                              f"adapter_experts, got {self.adapter_experts}, {self.adapter_top_k}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"model.dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if len(set(self.ema_order)) != len(self.ema_order):
+            raise ValueError(f"quantizer.ema_order must name distinct modalities, got "
+                             f"{self.ema_order}")
         if not 0 < self.initial_active_codes <= self.codebook_capacity:
             raise ValueError(f"quantizer.initial_active_codes={self.initial_active_codes} must be "
                              f"in [1, quantizer.codebook_capacity={self.codebook_capacity}]")
@@ -327,18 +333,27 @@ class SemanticEncoder(nn.Module):
 
 
 class ResidualStack(nn.Module):
-    """The reference's one-layer `ResidualStack` on NHWC maps: relu(x + W1x1 relu(W3x3 relu(x)))."""
+    """The reference's one-layer `ResidualStack` on NHWC maps, in-place ReLU included.
+
+        y = relu(relu(x) + W1x1 relu(W3x3 relu(x)))          (both convolutions without bias)
+
+    The reference's residual block starts with `nn.ReLU(inplace=True)`, which overwrites the
+    block input x with relu(x) before the residual addition `x + block(x)`; so the skip path
+    carries relu(x), not x. The two differ wherever x < 0, which happens at both call sites (the
+    video encoder's 1x1 conv output and the decoder's first transposed conv are not rectified).
+    """
 
     hidden: int
     dtype: Dtype | None = None
 
     @nn.compact
     def __call__(self, inputs: Array) -> Array:
+        rectified = nn.relu(inputs)  # The reference's in-place ReLU: also the skip path's value.
         hidden = Conv(self.hidden, 3, "SAME", use_bias=False, dtype=self.dtype, name="conv_3x3")(
-            nn.relu(inputs))
+            rectified)
         residual = Conv(inputs.shape[-1], 1, use_bias=False, dtype=self.dtype, name="conv_1x1")(
             nn.relu(hidden))
-        return nn.relu(inputs + residual)
+        return nn.relu(rectified + residual)
 
 
 class FeatureSpecificEncoder(nn.Module):
@@ -467,7 +482,7 @@ class CMGModel(nn.Module):
         self.quantizer = VectorQuantizer(
             codebook_capacity=config.codebook_capacity, code_dim=config.semantic_dim,
             initial_active_codes=config.initial_active_codes, modalities=config.modalities,
-            decay=config.decay, epsilon=config.epsilon,
+            ema_order=config.ema_order, decay=config.decay, epsilon=config.epsilon,
             own_feature_weight=config.own_feature_weight,
             dead_code_steps=config.dead_code_steps, active_code_steps=config.active_code_steps,
             restart_noise=config.restart_noise, reset_ema_on_restart=config.reset_ema_on_restart)

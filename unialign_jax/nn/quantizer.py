@@ -22,7 +22,9 @@ Training step (`update=True`), in the reference order:
 
 1. Assignments from the PRE-update codebook, k_m = argmin over active codes of ||z_m − e_k||², for
    every present modality; `code_vectors` and `quantized` use these pre-update rows.
-2. Sequential MM-EMA: one update per present modality m, in `modalities` order,
+2. Sequential MM-EMA: one update per present modality m, in the order `mm_ema_update_order`
+   gives (by default the reference's: audio, video, text, then any other modality in `modalities`
+   order; the field `ema_order` changes it),
        N ← γ·N + (1−γ)·Σ_{b,t} onehot(k_m)
        N ← (N + ε) / (Σ_active N + M·ε) · Σ_active N                  (Laplace smoothing)
        W ← γ·W + (1−γ)·onehot(k_m)ᵀ·[w_own·z_m + Σ_o w_o·z_o]         (z stop-gradient)
@@ -30,7 +32,9 @@ Training step (`update=True`), in the reference order:
    where o runs over the OTHER present modalities at the same (b, t), w_own = `own_feature_weight`
    (0.5) and the rest is split equally: 0.5/0.5 bimodal, 0.5/0.25/0.25 trimodal (the reference's
    weights); a lone modality gets weight 1. γ is applied once per modality, i.e. γ^P per step, which
-   is not the same as one combined update. Only active rows change.
+   is not the same as one combined update, and the order matters: W gets the last-updated
+   modality's batch sum with weight (1−γ), the one before it with γ(1−γ), and so on (N likewise,
+   up to the smoothing). Only active rows change.
 3. Dead codes: `unused_steps += 1`; codes chosen by any modality in this batch → 0; codes with
    `unused_steps > dead_code_steps` are restarted (counter → 0) onto a uniformly random "activated"
    code (`0 <= unused_steps < active_code_steps`) of the POST-update codebook plus
@@ -76,6 +80,9 @@ RNG_STREAM = "quantizer"
 _PER_CODE_STATE = ("embedding", "ema_weight", "ema_count", "unused_steps")
 _FRESH_CODE = -1  # `unused_steps` of a code that has not seen a training step yet.
 _HIGHEST = jax.lax.Precision.HIGHEST
+# The reference's MM-EMA order (`Cross_VQEmbeddingEMA_AVT`, `_AT` and the AV `Cross_VQEmbeddingEMA`
+# all update audio first, then video, then text).
+REFERENCE_EMA_ORDER = ("audio", "video", "text")
 
 
 @flax.struct.dataclass
@@ -118,6 +125,21 @@ def _nearest_allowed(distances: jax.Array, allowed: jax.Array) -> jax.Array:
     return jnp.argmin(masked, axis=-1).astype(jnp.int32)
 
 
+def mm_ema_update_order(
+    present: tuple[str, ...], ema_order: tuple[str, ...] = REFERENCE_EMA_ORDER
+) -> tuple[str, ...]:
+    """Order of the sequential MM-EMA updates over the `present` modalities.
+
+    `ema_order` is a priority list: the present modalities it names come first, in its order; the
+    other present modalities follow in their order in `present`. Names not present are ignored, so
+    one list serves every stage of a continual run. Default: the reference's audio, video, text.
+    """
+    if len(set(ema_order)) != len(ema_order):
+        raise ValueError(f"ema_order must name distinct modalities, got {ema_order}.")
+    first = tuple(m for m in ema_order if m in present)
+    return first + tuple(m for m in present if m not in first)
+
+
 def _mm_ema_feature_weights(num_present: int, own_feature_weight: float) -> np.ndarray:
     """[P, P]: row m = weights of the present modalities' features in modality m's W update."""
     if num_present == 1:
@@ -134,8 +156,11 @@ class VectorQuantizer(nn.Module):
         codebook_capacity: static number of rows C (changed only by `grow_codebook` reallocating).
         code_dim: feature and code dimension D.
         initial_active_codes: active codes after `init` (the reference's codebook size, 400).
-        modalities: every modality this codebook may see. Their order is the order of the
-            sequential MM-EMA updates; a call may pass any non-empty subset.
+        modalities: every modality this codebook may see; a call may pass any non-empty subset.
+        ema_order: priority list of the sequential MM-EMA updates (see `mm_ema_update_order`):
+            the modalities it names are updated first, in its order, the others after them in
+            `modalities` order. Default `REFERENCE_EMA_ORDER` = (audio, video, text), the
+            reference's order; names this codebook does not have are ignored.
         decay: EMA decay γ, applied once per present modality per step.
         epsilon: Laplace smoothing ε.
         own_feature_weight: weight of a modality's own features in its W update; the rest is shared
@@ -151,6 +176,7 @@ class VectorQuantizer(nn.Module):
     code_dim: int
     initial_active_codes: int
     modalities: tuple[str, ...]
+    ema_order: tuple[str, ...] = REFERENCE_EMA_ORDER
     decay: float = 0.99
     epsilon: float = 1e-5
     own_feature_weight: float = 0.5
@@ -203,10 +229,11 @@ class VectorQuantizer(nn.Module):
             squared_distances[modality] = distances
 
         if update and not self.is_initializing():
+            order = mm_ema_update_order(present, tuple(self.ema_order))
             flat_features = jnp.stack([
-                jax.lax.stop_gradient(features[m]).reshape(-1, self.code_dim) for m in present
+                jax.lax.stop_gradient(features[m]).reshape(-1, self.code_dim) for m in order
             ]).astype(codebook.dtype)
-            flat_codes = jnp.stack([codes[m].reshape(-1) for m in present])
+            flat_codes = jnp.stack([codes[m].reshape(-1) for m in order])
             state = {
                 "embedding": codebook,
                 "ema_weight": ema_weight.value,
@@ -245,6 +272,8 @@ class VectorQuantizer(nn.Module):
                              f"[1, codebook_capacity={self.codebook_capacity}].")
         if not self.modalities or len(set(self.modalities)) != len(self.modalities):
             raise ValueError(f"modalities must be non-empty and distinct, got {self.modalities}.")
+        if len(set(self.ema_order)) != len(tuple(self.ema_order)):
+            raise ValueError(f"ema_order must name distinct modalities, got {self.ema_order}.")
         unknown = sorted(set(features) - set(self.modalities))
         if unknown:
             raise ValueError(f"features hold modalities {unknown} unknown to this codebook "
@@ -271,12 +300,16 @@ def _mm_ema_update(
     decay: float,
     epsilon: float,
 ) -> dict[str, jax.Array]:
-    """Sequential MM-EMA (module docstring, step 2); features [P, BT, D], codes [P, BT]."""
+    """Sequential MM-EMA (module docstring, step 2); features [P, BT, D], codes [P, BT].
+
+    The leading axis is the update order: row 0 is updated first. `feature_weights[m]` are the
+    weights of the P feature rows in update m.
+    """
     capacity = state["embedding"].shape[0]
     active_rows = active_mask[:, None]
     num_active = active_count.astype(features.dtype)
     count, weight = state["ema_count"], state["ema_weight"]
-    for m in range(features.shape[0]):  # Static: one update per present modality, in order.
+    for m in range(features.shape[0]):  # Static: one update per present modality, row order.
         one_hot = jax.nn.one_hot(codes[m], capacity, dtype=features.dtype)  # [BT, C]
         mixed = jnp.einsum("p,pnd->nd", feature_weights[m].astype(features.dtype), features)
         batch_sum = jnp.einsum("nc,nd->cd", one_hot, mixed, precision=_HIGHEST)  # [C, D]
