@@ -132,7 +132,7 @@ class CMGStep(JittedStep):
 
         batch_size, seq_len = inputs[stage.modalities[0]].shape[:2]
         time_index = cmg_losses.sample_cpc_time_index(cpc_rng, seq_len, config.model.cpc_prediction_steps)
-        permutation = jax.random.permutation(perm_rng, batch_size)
+        club_permutations = cmg_losses.sample_club_permutations(perm_rng, batch_size, stage.modalities)
 
         def loss_fn(diff):
             estimates = self.club.apply({"params": aux["club_params"]}, diff["quantized"])
@@ -147,7 +147,7 @@ class CMGStep(JittedStep):
                 weights=config.loss.weights,
                 commitment_beta=config.loss.commitment_beta,
                 cpc_time_index=time_index,
-                club_permutation=permutation,
+                club_permutations=club_permutations,
                 cpc_normalize_over=config.loss.cpc_normalize_over,
                 cpc_cross_weight=config.loss.cpc_cross_weight,
                 cpc_self_weight=config.loss.cpc_self_weight,
