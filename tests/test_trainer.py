@@ -92,3 +92,21 @@ def test_invalid_config_is_rejected_before_compiling(tmp_path):
     with pytest.raises(ValueError, match=r"stages\[0\].modalities.*depth"):
         train.run(config, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_train_writes_tensorboard_events_and_a_profile_window(tmp_path):
+    config = tiny_cmg_config(str(tmp_path / "data"), steps=4)
+    config.writers = "jsonl,tensorboard"
+    config.profile = dict(start_step=2, num_steps=1)
+    workdir = tmp_path / "run"
+    train.run(config, str(workdir))
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["step"]) for r in records if "loss/total" in r] == [("pretrain", 4)]
+    events = b"".join(path.read_bytes() for path in (workdir / "tensorboard").glob("events.out.tfevents.*"))
+    # TensorBoard tags: training scalars, evaluation scalars ('>' becomes '_') and the stage's plot.
+    for tag in (b"pretrain/loss/total", b"pretrain/eval/classification/audio-_text",
+                b"pretrain/eval/code_usage_stage_1_pretrain"):
+        assert tag in events, tag
+    assert list((workdir / "profile").rglob("*.xplane.pb"))
+    config.writers = "jsonl"  # a tooling field: the rerun resumes (everything is done) instead of refusing
+    assert train.run(config, str(workdir))[0]["name"] == "pretrain"

@@ -10,7 +10,6 @@ method's initial state.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from typing import Any, Callable
@@ -21,9 +20,10 @@ import ml_collections
 from etils import epath
 
 from unialign_jax import checkpoint as ckpt_lib
-from unialign_jax import files
 from unialign_jax import optim
 from unialign_jax import parallel
+from unialign_jax import profiling
+from unialign_jax import writers as writers_lib
 from unialign_jax.logs import logger
 
 
@@ -123,11 +123,12 @@ class JittedStep:
 
 
 class ProgressLog:
-    """Console progress (step, the step's `loss/*` metrics in its order, steps/s, ETA) and
-    `metrics.jsonl` in the workdir (process 0). Every logged metric must be finite."""
+    """Console progress (step, the step's `loss/*` metrics in its order, steps/s, ETA) and the metric
+    writers (default: `metrics.jsonl` in the workdir; process 0). Every logged metric must be finite."""
 
-    def __init__(self, workdir: str, stage: StageSpec, first_step: int):
-        self.path = epath.Path(workdir) / "metrics.jsonl"
+    def __init__(self, workdir: str, stage: StageSpec, first_step: int,
+                 writer: writers_lib.MetricWriter | None = None):
+        self.writer = writer or writers_lib.JsonlWriter(epath.Path(workdir) / "metrics.jsonl")
         self.stage = stage
         self.first_step = first_step
         self.start = time.perf_counter()
@@ -152,8 +153,7 @@ class ProgressLog:
             rate,
             _format_seconds(eta),
         )
-        record = {"stage": self.stage.name, "step": step, "steps_per_second": rate, **scalars}
-        files.append_text(self.path, json.dumps(record) + "\n")
+        self.writer.write_scalars(step, scalars, context={"stage": self.stage.name, "steps_per_second": rate})
 
 
 def _format_seconds(seconds: float) -> str:
@@ -220,6 +220,8 @@ def train_stage(
     *,
     step_factory: Callable[..., JittedStep],
     iterator_factory: Callable[[ml_collections.ConfigDict, StageSpec], Any],
+    writer: writers_lib.MetricWriter | None = None,
+    profiler: profiling.ProfileWindow | profiling.NoProfile | None = None,
 ) -> TrainState:
     """Runs (or resumes) one stage to completion and returns its final state.
 
@@ -228,6 +230,8 @@ def train_stage(
         gives the structure); not called for a finished stage.
       step_factory: `(config, stage, mesh, abstract_state, state_shardings) -> JittedStep`.
       iterator_factory: `(config, stage) -> iterator` of host batches with grain's checkpointable state.
+      writer: where logged metrics go (default: `metrics.jsonl`).
+      profiler: a `profiling` window told each step before it runs (default: none).
     """
     if stage_finished(workdir, stage):
         logger.info("[%s] finished; restoring its final checkpoint.", stage.name)
@@ -249,10 +253,13 @@ def train_stage(
 
     step_fn = step_factory(config, stage, mesh, abstract, shardings)
     first = int(state.step)
-    progress = ProgressLog(workdir, stage, first)
+    progress = ProgressLog(workdir, stage, first, writer)
+    profiler = profiler or profiling.NoProfile()
     for step in range(first + 1, stage.steps + 1):
+        profiler.step(step, ready=state)
         batch = parallel.global_batch(next(data_iterator), mesh)
-        state, metrics = step_fn(state, batch)
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+            state, metrics = step_fn(state, batch)
         last = step == stage.steps
         if step % config.log_every == 0 or last:
             progress.write(step, jax.device_get(metrics), step_fn.metric_order)

@@ -227,6 +227,15 @@ def write_summary(results_dir: epath.PathLike, stages: Sequence[Mapping[str, obj
 _SHARING_COLOURS = ("black", "tab:blue", "tab:green", "tab:red")  # dead, 1, 2, 3+ modalities (COMET Fig. 3)
 
 
+def read_png(path: epath.PathLike) -> np.ndarray:
+    """A PNG written here as uint8 [H, W, C] (for the metric writers)."""
+    import matplotlib.image  # pylint: disable=import-outside-toplevel
+
+    with epath.Path(path).open("rb") as f:
+        pixels = matplotlib.image.imread(f, format="png")
+    return np.asarray(np.round(pixels * 255), np.uint8) if pixels.dtype != np.uint8 else pixels
+
+
 def plot_code_usage(
     path: epath.PathLike, usage_matrix: np.ndarray, modalities: Sequence[str], *, min_count: int = 1
 ) -> epath.Path:

@@ -23,13 +23,19 @@ from unialign_jax import logs
 from unialign_jax import loop
 from unialign_jax import methods
 from unialign_jax import parallel
+from unialign_jax import profiling
 from unialign_jax import report
+from unialign_jax import writers
 from unialign_jax.logs import logger
 
 
+# Fields that change how a run is watched, not what it computes: a resume may change them.
+TOOLING_FIELDS = ("writers", "profile")
+
+
 def check_workdir_config(workdir: str, config: ml_collections.ConfigDict, *, write: bool = True) -> None:
-    """Refuses to resume a workdir that was started with a different config (nothing is overwritten);
-    with `write`, records the config in a new workdir.
+    """Refuses to resume a workdir that was started with a different config (nothing is overwritten;
+    `TOOLING_FIELDS` may differ); with `write`, records the config in a new workdir.
 
     `workdir` may be local or an object store (`gs://...`); process 0 writes `config.json`.
     """
@@ -40,8 +46,9 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict, *, wri
             files.write_json_atomic(path, resolved)
         return
     previous = files.read_json(path)
-    if previous != resolved:
-        changed = sorted(k for k in set(previous) | set(resolved) if previous.get(k) != resolved.get(k))
+    changed = sorted(k for k in set(previous) | set(resolved)
+                     if k not in TOOLING_FIELDS and previous.get(k) != resolved.get(k))
+    if changed:
         raise ValueError(
             f"{workdir} was started with a different config (top-level fields differ: {changed}); "
             "use a new --workdir or the original config."
@@ -52,9 +59,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     """Trains every stage (resuming where possible) and returns the per-stage results."""
     method = methods.for_config(config)
     method.validate(config)
+    writers.check_writers(config.writers)
     check_workdir_config(workdir, config, write=False)
     method.prepare(config, workdir)
     check_workdir_config(workdir, config)
+    with writers.make_writers(config.writers, workdir, config=config.to_dict()) as writer, \
+            profiling.from_config(config.get("profile"), workdir) as profiler:
+        return _run_stages(method, config, workdir, writer, profiler)
+
+
+def _run_stages(method, config, workdir, writer, profiler) -> list[dict]:
     mesh = parallel.make_mesh(config.mesh)
     stages = loop.stage_specs(config)
     results_dir = epath.Path(workdir) / "results"
@@ -81,12 +95,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
             lambda stage=stage: method.initial_state(config, stage, workdir),
             step_factory=method.step,
             iterator_factory=lambda c, s: method.train_iterator(c, s, workdir),
+            writer=writer,
+            profiler=profiler,
         )
         method.end_stage(config, stage, state, workdir, mesh)
         results.append(method.evaluate_stage(config, stage, state, workdir, results))
         report.write_summary(results_dir, results, method.results_markdown(config, results))
+        _write_evaluation(writer, stage, results[-1], results_dir)
         print(method.results_table(config, results), flush=True)
     return results
+
+
+def _write_evaluation(writer, stage: loop.StageSpec, result: dict, results_dir: epath.Path) -> None:
+    """A stage's evaluation metrics and its plots (`results/*<stage folder>*.png`) to the writers."""
+    context = {"stage": stage.name, "split": "eval"}
+    writer.write_scalars(stage.steps, result["metrics"], context=context)
+    plots = {path.stem: report.read_png(path) for path in sorted(results_dir.glob(f"*{stage.folder}*.png"))}
+    if plots:
+        writer.write_images(stage.steps, plots, context=context)
+    writer.flush()
 
 
 def main(argv):

@@ -119,7 +119,8 @@ class MultiWriter(MetricWriter):
 class JsonlWriter(MetricWriter):
     """`{"step": step, **context, **scalars}` as one line of a JSON-lines file per `write_scalars`.
 
-    Hyperparameters and images are not written here: `config.json` and `results/*.png` hold them.
+    Hyperparameters, images and evaluation scalars (context `split='eval'`) are not written here:
+    `config.json`, `results/*.png` and `results/summary.json` hold them.
     """
 
     def __init__(self, path: epath.PathLike):
@@ -127,6 +128,8 @@ class JsonlWriter(MetricWriter):
 
     def write_scalars(self, step, scalars, *, context=None):
         context = dict(context or {})
+        if context.get("split") == "eval":
+            return
         values = _scalars(scalars)
         _check_names(values, context)
         record = {"step": int(step), **context, **values}

@@ -137,6 +137,8 @@ def cmg_config(*, size: str, modalities: tuple[str, ...], data: str = "synthetic
     c.frozen_patterns = []
     c.log_every = 50 if reference else 25
     c.checkpoint = dict(every=500 if reference else 200, max_to_keep=2)
+    c.writers = "jsonl"  # comma-separated: jsonl, tensorboard, wandb (`unialign_jax.writers`)
+    c.profile = dict(start_step=10, num_steps=0)  # num_steps > 0: a JAX profiler trace into workdir/profile/
     c.model = dict(
         modalities=tuple(modalities),
         input_shapes={m: tuple(shapes[m]) for m in modalities},

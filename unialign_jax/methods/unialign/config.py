@@ -94,6 +94,8 @@ def base_config(arg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.frozen_patterns = list(FROZEN_BACKBONE)
     c.log_every = 25
     c.checkpoint = dict(every=500, max_to_keep=2)
+    c.writers = "jsonl"  # comma-separated: jsonl, tensorboard, wandb (`unialign_jax.writers`)
+    c.profile = dict(start_step=10, num_steps=0)  # num_steps > 0: a JAX profiler trace into workdir/profile/
     c.accumulation = dict(steps=1, micro_batch_sizes={})
     c.batch_size = 0
     c.model = dict(
