@@ -19,6 +19,15 @@ import optax
 from flax import traverse_util
 
 
+def optimizer_config(name: str, learning_rate: float, *, weight_decay: float, schedule: str, clip_norm: float,
+                     groups: Sequence[Sequence[str]], warmup_steps: int = 0, b1: float = 0.9, b2: float = 0.999,
+                     eps: float = 1e-8) -> dict:
+    """The `config.optim` entry `make_optimizer` reads: optimizer `name` ('adam' | 'adamw'), its
+    hyper-parameters, the learning-rate `schedule` and the clipped parameter `groups`."""
+    return dict(name=name, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                schedule=schedule, warmup_steps=warmup_steps, clip_norm=clip_norm, groups=[list(g) for g in groups])
+
+
 def split_params(params: dict, patterns: Sequence[str]) -> tuple[dict, dict]:
     """Splits a nested param dict into (matched, unmatched) by regex over '/'-joined paths."""
     compiled = [re.compile(p) for p in patterns]

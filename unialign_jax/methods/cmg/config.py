@@ -7,6 +7,7 @@ from __future__ import annotations
 import ml_collections
 
 from unialign_jax import configlib
+from unialign_jax import optim
 from unialign_jax.configlib import ConfigError
 from unialign_jax.data import pipeline
 from unialign_jax.data.pipeline import MODALITIES
@@ -178,16 +179,8 @@ def cmg_config(*, size: str, modalities: tuple[str, ...], data: str = "synthetic
         cpc_self_weight=0.1,
     )
     c.club = dict(steps=5, learning_rate=1e-3)
-    c.optim = dict(
-        name="adam",
-        learning_rate=4e-4 if reference else 1e-3,
-        b1=0.9,
-        b2=0.999,
-        eps=1e-8,
-        weight_decay=0.0,
-        schedule="constant",
-        warmup_steps=0,
-        clip_norm=0.5,
+    c.optim = optim.optimizer_config(
+        "adam", 4e-4 if reference else 1e-3, weight_decay=0.0, schedule="constant", clip_norm=0.5,
         groups=[
             ("encoder", r"^(semantic_encoder|specific_encoder|video_pooler|adapter)"),
             ("decoder", r"^decoder_"),

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from unialign_jax import configlib
+from unialign_jax import optim
 from unialign_jax.configlib import ConfigError
 from unialign_jax.data import pipeline
 from unialign_jax.data.pipeline import MODALITIES
@@ -118,18 +119,8 @@ def base_config(arg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         remat=False,
         dtype="float32",
     )
-    c.optim = dict(
-        name="adamw",
-        learning_rate=2e-4,
-        b1=0.9,
-        b2=0.999,
-        eps=1e-8,
-        weight_decay=0.05,
-        schedule="warmup_cosine",
-        warmup_steps=0,
-        clip_norm=1.0,
-        groups=[list(group) for group in TRAINABLE_GROUPS],
-    )
+    c.optim = optim.optimizer_config("adamw", 2e-4, weight_decay=0.05, schedule="warmup_cosine", clip_norm=1.0,
+                                     groups=TRAINABLE_GROUPS)
     c.loss = dict(
         terms=dict(nce=True, soft_bind=arg.soft_bind, anchor_distil=arg.anchor_distil, model_distil=arg.model_distil),
         weights={name: 1.0 for name in UNIALIGN_LOSS_TERMS},
