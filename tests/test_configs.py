@@ -6,9 +6,12 @@ import pathlib
 import numpy as np
 import pytest
 
+from unialign_jax import report
 from unialign_jax import train
+from unialign_jax.configlib import ConfigError
 from unialign_jax.data import features, pipeline
 from unialign_jax.methods.cmg import config as cmg_config
+from unialign_jax.methods.unialign import config as ua_config
 
 from tiny import TINY_SHAPES, tiny_cmg_config
 
@@ -46,6 +49,29 @@ def test_bad_arg_strings_name_the_problem():
         load("cmg_avt", "modalities=audio+smell")
     with pytest.raises(ValueError, match="datasets=NAME1"):
         load("comet_vt_at_it", "data=features,eval_dataset=x")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("log_every", 0, "config.log_every must be a positive integer, got 0"),
+    ("batch_size", 0, "config.batch_size must be a positive integer, got 0"),
+    ("checkpoint.every", 0, "config.checkpoint.every must be a positive integer, got 0"),
+    ("optim.learning_rate", -1e-3, "config.optim.learning_rate must be a positive number, got -0.001"),
+])
+def test_loop_fields_are_checked_before_anything_compiles(field, value, message):
+    for config in (load("comet_vt_at_it"), load("unialign_digits", "data=synthetic")):
+        *parents, leaf = field.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+        method_config = cmg_config if config.method == "cmg" else ua_config
+        with pytest.raises(ConfigError, match=message):
+            method_config.validate(config, lambda data: tuple(config.model.modalities))
+
+
+def test_report_help_prints_usage_and_exits_zero(capsys):
+    report.main(["--help"])
+    assert "usage: python -m unialign_jax.report" in capsys.readouterr().out
 
 
 def test_cmg_config_trains_on_converted_features(tmp_path):

@@ -71,6 +71,22 @@ def digits_data(*, classes: tuple[int, ...] = (), seed: int = 0) -> ml_collectio
     return config
 
 
+def check_run_fields(config: ml_collections.ConfigDict) -> None:
+    """The loop fields every method reads: `ConfigError` naming the first bad one."""
+    positive = {
+        "config.batch_size": config.batch_size,
+        "config.log_every": config.log_every,
+        "config.checkpoint.every": config.checkpoint.every,
+        "config.checkpoint.max_to_keep": config.checkpoint.max_to_keep,
+    }
+    for name, value in positive.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+    rate = config.optim.learning_rate
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0:
+        raise ConfigError(f"config.optim.learning_rate must be a positive number, got {rate!r}.")
+
+
 @functools.cache
 def digits_shapes() -> dict[str, tuple[int, ...]]:
     """The digits benchmark's per-example feature shapes at its default settings, from its builder

@@ -327,8 +327,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     import sys
 
     arguments = list(sys.argv[1:] if argv is None else argv)
+    usage = "usage: python -m unialign_jax.report METHOD=WORKDIR[,WORKDIR...] ..."
+    if any(a in ("-h", "--help") for a in arguments):
+        print(usage)
+        return
     if not arguments or any("=" not in a for a in arguments):
-        raise SystemExit("usage: python -m unialign_jax.report METHOD=WORKDIR[,WORKDIR...] ...")
+        raise SystemExit(usage)
     runs = {name: value.split(",") for name, value in (a.split("=", 1) for a in arguments)}
     print(compare_runs(runs))
 

@@ -24,6 +24,7 @@ def validate(config: ml_collections.ConfigDict, dataset_modalities=pipeline.data
     Raises:
       ConfigError: naming the offending field.
     """
+    configlib.check_run_fields(config)
     known = tuple(config.model.modalities)
     for name in known:
         if name not in MODALITIES:

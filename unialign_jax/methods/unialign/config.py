@@ -219,6 +219,7 @@ def validate(config: ml_collections.ConfigDict, dataset_modalities=pipeline.data
 
     `dataset_modalities(data config) -> modalities` says what a dataset provides (raises ValueError
     on an unknown dataset); the default builds nothing."""
+    configlib.check_run_fields(config)
     model = config.model
     modalities = tuple(model.modalities)
     for name in modalities:
