@@ -14,10 +14,14 @@ from flax import traverse_util
 
 from unialign_jax import checkpoint as ckpt_lib
 from unialign_jax import optim
+from unialign_jax import parallel
 from unialign_jax import train
 from unialign_jax import loop
 from unialign_jax.methods.cmg import config as cmg_config
+from unialign_jax.losses import continual as continual_losses
 from unialign_jax.methods.cmg import continual
+from unialign_jax.methods.cmg import model as cmg_model
+from unialign_jax.methods.cmg import step as cmg_step
 
 from tiny import tiny_continual_config
 
@@ -106,3 +110,20 @@ def test_ewc_protects_the_adapter_and_optionally_the_mediator_encoder():
         protected = _flat(optim.split_params(params, continual.ewc_patterns(config, stage))[0])
         assert sorted(protected) == ["adapter/common/kernel", "adapter/specific_text/kernel", *extra]
     assert config.continual.ewc_strength == 1e4
+
+
+def test_fisher_measures_this_stage_loss_without_the_earlier_ewc_penalty(finished_run):
+    config, workdir, _ = finished_run
+    second = loop.stage_specs(config)[1]
+    mesh = parallel.make_mesh(config.mesh)
+    state = loop.train_stage(config, second, workdir, mesh, lambda: continual.initial_state(config, second, workdir),
+                             step_factory=cmg_step.CMGStep, iterator_factory=cmg_model.train_iterator)
+    ewc = state.carry["ewc"]
+    penalty = continual_losses.ewc_penalty(state.params, ewc["anchor"], ewc["fisher"], config.continual.ewc_strength)
+    assert float(penalty) > 0  # stage 2 moved the protected parameters: the penalty has a gradient
+    patterns = continual.ewc_patterns(config, second)
+    with_carry = cmg_step.estimate_fisher(config, second, state, mesh, patterns)
+    without = cmg_step.estimate_fisher(config, second, state.replace(carry={**state.carry, "ewc": None}), mesh,
+                                       patterns)
+    for a, b in zip(jax.tree.leaves(with_carry), jax.tree.leaves(without)):
+        np.testing.assert_array_equal(a, b)

@@ -1,10 +1,11 @@
 """The loop of ONE stage, method-agnostic: mesh -> data -> init/resume -> jit step -> loop -> checkpoints.
 
 A method (`unialign_jax.methods`) supplies the stage's initial state, its jitted step (a `JittedStep`)
-and its batches; this module names no method. `train_stage` reads the stage's latest checkpoint
-metadata first: a finished stage is restored as it was saved (the method's initializer is not
-called), an unfinished one continues from its latest checkpoint, and a new one starts from the
-method's initial state.
+and its batches; this module names no method. `stage_finished` reads only a stage's checkpoint
+metadata, so a run skips a finished and evaluated stage without building anything; `train_stage`
+continues an unfinished stage from its latest checkpoint (or a finished one that still needs its
+state, restored onto the initializer's structure); `restore_finished` gives a finished stage's
+state for evaluation with no initializer at all.
 """
 
 from __future__ import annotations
@@ -197,11 +198,9 @@ def stage_finished(workdir: str, stage: StageSpec) -> bool:
 
 
 def restore_finished(config: ml_collections.ConfigDict, stage: StageSpec, workdir: str, mesh) -> TrainState:
-    """The final state of a finished stage as stored, on the mesh's shardings (no initializer runs).
-
-    Its optimizer state keeps the stored tree structure (plain containers): a finished stage is
-    evaluated or read by the next stage, never stepped again.
-    """
+    """The final state of a finished stage as stored, on the mesh's shardings (no initializer runs),
+    for evaluation: its optimizer states come back as plain containers, not optax states, so it
+    cannot be stepped or differentiated through the step."""
     checkpointer = ckpt_lib.StageCheckpointer(epath.Path(workdir) / stage.folder)
     stored, meta = checkpointer.restore_state(mesh=mesh)
     checkpointer.close()
@@ -226,16 +225,13 @@ def train_stage(
     """Runs (or resumes) one stage to completion and returns its final state.
 
     Args:
-      initial_state: builds the stage's starting state (also when resuming an unfinished stage: it
-        gives the structure); not called for a finished stage.
+      initial_state: builds the stage's starting state (when resuming, it gives the structure; a run
+        skips a finished and evaluated stage before calling this, see `train.run`).
       step_factory: `(config, stage, mesh, abstract_state, state_shardings) -> JittedStep`.
       iterator_factory: `(config, stage) -> iterator` of host batches with grain's checkpointable state.
       writer: where logged metrics go (default: `metrics.jsonl`).
       profiler: a `profiling` window told each step before it runs (default: none).
     """
-    if stage_finished(workdir, stage):
-        logger.info("[%s] finished; restoring its final checkpoint.", stage.name)
-        return restore_finished(config, stage, workdir, mesh)
     checkpointer = ckpt_lib.StageCheckpointer(
         epath.Path(workdir) / stage.folder, max_to_keep=config.checkpoint.max_to_keep
     )
@@ -248,8 +244,11 @@ def train_stage(
     latest = checkpointer.latest_step()
     if latest is not None:
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-        state, _ = checkpointer.restore(latest, target, data_iterator)
-        logger.info("[%s] resumed from step %d.", stage.name, latest)
+        state, meta = checkpointer.restore(latest, target, data_iterator)
+        logger.info("[%s] resumed from step %d%s.", stage.name, latest, " (finished)" if meta["finished"] else "")
+        if meta["finished"]:
+            checkpointer.close()
+            return state
 
     step_fn = step_factory(config, stage, mesh, abstract, shardings)
     first = int(state.step)

@@ -98,8 +98,12 @@ class CMGStep(JittedStep):
             "position_weights": weights,
         }
 
-    def gradients(self, state: TrainState, batch: dict) -> tuple[dict, jax.Array, dict, dict]:
+    def gradients(self, state: TrainState, batch: dict, *, with_ewc: bool = True
+                  ) -> tuple[dict, jax.Array, dict, dict]:
         """(parameter gradients, loss, metrics, updated non-parameter state) of one batch; no update.
+
+        `with_ewc=False` leaves out the earlier stages' EWC penalty (the Fisher estimate measures
+        this stage's loss alone).
 
         The updated state holds `quantizer` (after MM-EMA and restarts), `aux` (after the CLUB inner
         loop), `rng` and the batch's `codes`. Used by the train step and by the Fisher estimate.
@@ -158,7 +162,7 @@ class CMGStep(JittedStep):
         (grads,) = pullback(cotangent)
 
         ewc = state.carry.get("ewc")
-        if ewc is not None:
+        if ewc is not None and with_ewc:
             penalty, ewc_grads = jax.value_and_grad(
                 lambda p: continual_losses.ewc_penalty(
                     p, ewc["anchor"], ewc["fisher"], config.continual.ewc_strength
@@ -200,7 +204,8 @@ def estimate_fisher(config: ml_collections.ConfigDict, stage: StageSpec, state: 
 
     L is the full stage objective on a batch (its CMCM and Cross-CPC terms are contrastive over the
     batch, so per-example gradients are not defined); F is the mean over batches of the squared batch
-    gradient, for the parameters `patterns` select. The state is not changed.
+    gradient of this stage's loss alone (the earlier stages' EWC penalty is left out), for the
+    parameters `patterns` select. The state is not changed.
     """
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
     shardings = state_shardings(abstract, mesh, config.sharding_rules)
@@ -208,7 +213,7 @@ def estimate_fisher(config: ml_collections.ConfigDict, stage: StageSpec, state: 
 
     @jax.jit
     def squared_gradients(state, batch):
-        grads = step_fn.gradients(state, batch)[0]
+        grads = step_fn.gradients(state, batch, with_ewc=False)[0]
         return jax.tree.map(jnp.square, optim.split_params(grads, patterns)[0])
 
     iterator = pipeline.make_train_iterator(
