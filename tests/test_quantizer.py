@@ -26,6 +26,11 @@ def _apply(module, state, features, *, update, seed=0):
     return output, variables["quantizer"]
 
 
+def _random_features(rng, modalities, shape=(2, 4, CODE_DIM)):
+    """Standard-normal float32 features of `shape` per modality, drawn in `modalities` order."""
+    return {m: jnp.asarray(rng.normal(size=shape), jnp.float32) for m in modalities}
+
+
 def _random_state(rng, capacity, active, code_dim=CODE_DIM):
     """A trained-looking state whose embedding is deliberately NOT W/N."""
     return {
@@ -92,7 +97,7 @@ def test_mm_ema_step_matches_hand_computation(modalities, present, ema_order, or
     # sequential order visible far above float32 noise.
     decay, epsilon = 0.8, 0.3
     state = _random_state(rng, capacity=6, active=5)
-    features = {m: jnp.asarray(rng.normal(size=(2, 4, CODE_DIM)), jnp.float32) for m in present}
+    features = _random_features(rng, present)
     order_setting = {} if ema_order is None else {"ema_order": ema_order}
     module = _quantizer(modalities, decay=decay, epsilon=epsilon, **order_setting)
 
@@ -264,8 +269,7 @@ def test_no_nan_with_unused_codes_over_several_steps():
     module = _quantizer(("video", "audio", "text"), capacity=16, active=12, code_dim=8,
                         dead_code_steps=2, active_code_steps=2)
     rng = np.random.default_rng(2)
-    features = {m: jnp.asarray(rng.normal(size=(2, 3, 8)), jnp.float32)
-                for m in ("video", "audio", "text")}
+    features = _random_features(rng, ("video", "audio", "text"), shape=(2, 3, 8))
     state = module.init(jax.random.key(0), features, update=False)["quantizer"]
     step = jax.jit(lambda state, seed: _apply(module, state, features, update=True, seed=seed))
     for seed in range(6):
@@ -278,8 +282,7 @@ def test_no_nan_with_unused_codes_over_several_steps():
 def test_update_false_and_init_leave_state_unchanged():
     module = _quantizer(("audio", "text"))
     rng = np.random.default_rng(3)
-    features = {m: jnp.asarray(rng.normal(size=(2, 4, CODE_DIM)), jnp.float32)
-                for m in ("audio", "text")}
+    features = _random_features(rng, ("audio", "text"))
     state = module.init(jax.random.key(0), features, update=True)["quantizer"]
     np.testing.assert_array_equal(state["ema_count"], np.zeros(6))
     np.testing.assert_array_equal(state["unused_steps"], np.full(6, -1))
@@ -326,8 +329,7 @@ def trained_state():
     """Capacity 6 with 5 active codes, after one training step from `init`."""
     module = _quantizer(("audio", "text"))
     rng = np.random.default_rng(5)
-    features = {m: jnp.asarray(rng.normal(size=(2, 4, CODE_DIM)), jnp.float32)
-                for m in ("audio", "text")}
+    features = _random_features(rng, ("audio", "text"))
     state = module.init(jax.random.key(0), features, update=False)["quantizer"]
     _, state = _apply(module, state, features, update=True)
     return state

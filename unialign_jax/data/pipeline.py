@@ -29,8 +29,10 @@ Batches (training) and loaded splits (evaluation) hold only the requested modali
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import inspect
+import json
 import os
 from collections.abc import Mapping, Sequence
 
@@ -180,6 +182,27 @@ def split_class_subsets(value, num_classes: int, field: str) -> tuple[tuple[str,
                       else everything) for split in SPLITS)
     subset = class_subset(value, num_classes, field)
     return tuple((split, subset) for split in SPLITS)
+
+
+def check_config_fields(data_config: ml_collections.ConfigDict, dataset: str, fields: Sequence[str]) -> None:
+    """ValueError unless every field of a source's data config is in `fields` and 'name' is `dataset`."""
+    unknown = sorted(set(data_config.keys()) - set(fields))
+    if unknown:
+        raise ValueError(f"data config: unknown field(s) {unknown} for {dataset!r}; known: {tuple(fields)}")
+    if data_config.get("name") != dataset:
+        raise ValueError(f"data config field 'name' must be {dataset!r}, got {data_config.get('name')!r}")
+
+
+def config_int(data_config: ml_collections.ConfigDict, name: str, minimum: int | None = None) -> int:
+    """`check_int` of data config field `name`."""
+    return check_int(f"data config field {name!r}", data_config.get(name), minimum=minimum)
+
+
+def hashed_config_name(prefix: str, version, params: Mapping) -> tuple[str, str]:
+    """(`prefix` + 16 hex digits of the hash of version and params, the params as sorted JSON)."""
+    description = json.dumps(params, sort_keys=True)
+    digest = hashlib.sha256(f"{version}:{description}".encode()).hexdigest()[:16]
+    return f"{prefix}{digest}", description
 
 
 def _check_modalities(data_config: ml_collections.ConfigDict, modalities: Sequence[str]) -> tuple[str, ...]:

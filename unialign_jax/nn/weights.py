@@ -272,6 +272,32 @@ def _require(state: StateDict, key: str, description: str) -> np.ndarray:
     return state[key]
 
 
+def _encoder(
+    weights: "BertWeights | ClipVisionWeights",
+    *,
+    adapter: AdapterFactory | None = None,
+    adapter_placement: str = "ffn_linears",
+    modalities: Sequence[str] = (),
+    remat: bool = False,
+    dtype: Dtype = jnp.float32,
+) -> Encoder:
+    """The `Encoder` that imported weights fit, with the caller's adapters, remat and dtype."""
+    return Encoder(weights.config, adapter=adapter, adapter_placement=adapter_placement,
+                   modalities=tuple(modalities), scan_layers=weights.scan_layers, remat=remat, dtype=dtype)
+
+
+def _block_rules(
+    target: tuple[str, ...], source: str, *, attention_norm: str, fc1: str, fc2: str, mlp_norm: str
+) -> list[_Rule]:
+    """The norm and MLP rules of one encoder block (`source` + each suffix -> `target` + its name)."""
+    return [
+        *_norm_rules(target + ("attention_norm",), source + attention_norm),
+        *_dense_rules(target + ("mlp", "fc1"), source + fc1),
+        *_dense_rules(target + ("mlp", "fc2"), source + fc2),
+        *_norm_rules(target + ("mlp_norm",), source + mlp_norm),
+    ]
+
+
 # --------------------------------------------------------------------------------------------------
 # BERT / MiniLM.
 
@@ -287,18 +313,11 @@ class BertWeights:
     params: Params
     scan_layers: bool = False
 
-    def module(
-        self,
-        *,
-        adapter: AdapterFactory | None = None,
-        adapter_placement: str = "ffn_linears",
-        modalities: Sequence[str] = (),
-        remat: bool = False,
-        dtype: Dtype = jnp.float32,
-    ) -> BertTextEncoder:
-        encoder = Encoder(self.config, adapter=adapter, adapter_placement=adapter_placement,
-                          modalities=tuple(modalities), scan_layers=self.scan_layers, remat=remat, dtype=dtype)
-        return BertTextEncoder(encoder, self.vocab_size, self.max_positions, self.type_vocab_size)
+    def module(self, **encoder_options) -> BertTextEncoder:
+        """`encoder_options` as `_encoder` (adapter, adapter_placement, modalities, remat, dtype)."""
+        return BertTextEncoder(
+            _encoder(self, **encoder_options), self.vocab_size, self.max_positions, self.type_vocab_size
+        )
 
 
 def import_bert(
@@ -360,10 +379,10 @@ def import_bert(
         rules += _attention_rules(
             target + ("attention",), {k: source + v for k, v in attention.items()}, num_heads
         )
-        rules += _norm_rules(target + ("attention_norm",), source + "attention.output.LayerNorm")
-        rules += _dense_rules(target + ("mlp", "fc1"), source + "intermediate.dense")
-        rules += _dense_rules(target + ("mlp", "fc2"), source + "output.dense")
-        rules += _norm_rules(target + ("mlp_norm",), source + "output.LayerNorm")
+        rules += _block_rules(
+            target, source, attention_norm="attention.output.LayerNorm", fc1="intermediate.dense",
+            fc2="output.dense", mlp_norm="output.LayerNorm",
+        )
     expected = _param_shapes(weights.module(), jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1)))
     buffers = re.compile(rf"{re.escape(prefix)}(embeddings\.position_ids|pooler\..*)$")
 
@@ -504,18 +523,9 @@ class ClipVisionWeights:
     def tokenizer_module(self, dtype: Dtype = jnp.float32) -> ImageTokenizer:
         return ImageTokenizer(self.config.width, self.patch_size, dtype=dtype)
 
-    def backbone_module(
-        self,
-        *,
-        adapter: AdapterFactory | None = None,
-        adapter_placement: str = "ffn_linears",
-        modalities: Sequence[str] = (),
-        remat: bool = False,
-        dtype: Dtype = jnp.float32,
-    ) -> ClipBackbone:
-        encoder = Encoder(self.config, adapter=adapter, adapter_placement=adapter_placement,
-                          modalities=tuple(modalities), scan_layers=self.scan_layers, remat=remat, dtype=dtype)
-        return ClipBackbone(encoder, self.output_dim)
+    def backbone_module(self, **encoder_options) -> ClipBackbone:
+        """`encoder_options` as `_encoder` (adapter, adapter_placement, modalities, remat, dtype)."""
+        return ClipBackbone(_encoder(self, **encoder_options), self.output_dim)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -667,10 +677,10 @@ def import_clip_vision(
         else:
             attention = {k: source + v for k, v in layout.attention.items()}
             backbone_rules += _attention_rules(target + ("attention",), attention, num_heads)
-        backbone_rules += _norm_rules(target + ("attention_norm",), source + layout.attention_norm)
-        backbone_rules += _dense_rules(target + ("mlp", "fc1"), source + layout.fc1)
-        backbone_rules += _dense_rules(target + ("mlp", "fc2"), source + layout.fc2)
-        backbone_rules += _norm_rules(target + ("mlp_norm",), source + layout.mlp_norm)
+        backbone_rules += _block_rules(
+            target, source, attention_norm=layout.attention_norm, fc1=layout.fc1, fc2=layout.fc2,
+            mlp_norm=layout.mlp_norm,
+        )
 
     image = jnp.zeros((1, weights.image_size, weights.image_size, in_channels))
     expected = {

@@ -67,9 +67,8 @@ Data config fields (an `ml_collections.ConfigDict`, see `default_config`):
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import functools
 import importlib.metadata
-import json
 import logging
 import os
 import pathlib
@@ -82,7 +81,7 @@ import tensorflow_datasets as tfds
 from unialign_jax.data.audio_features import pooled_log_mel
 from unialign_jax.data.digits import captions, handwriting, speech
 from unialign_jax.data import pipeline
-from unialign_jax.data.pipeline import SPLITS, LocalBuilder, LocalDatasetInfo, check_int
+from unialign_jax.data.pipeline import SPLITS, LocalBuilder, LocalDatasetInfo
 
 logger = logging.getLogger(__name__)
 
@@ -142,14 +141,8 @@ class DigitsConfig(tfds.core.BuilderConfig):
     @classmethod
     def from_data_config(cls, data_config: ml_collections.ConfigDict) -> DigitsConfig:
         """Validates a data config (errors name the field), resolves the audio source, hashes the parameters."""
-        unknown = sorted(set(data_config.keys()) - set(_CONFIG_FIELDS))
-        if unknown:
-            raise ValueError(f"data config: unknown field(s) {unknown} for 'digits'; known: {_CONFIG_FIELDS}")
-        if data_config.get("name") != "digits":
-            raise ValueError(f"data config field 'name' must be 'digits', got {data_config.get('name')!r}")
-
-        def field(name: str, minimum: int | None = None) -> int:
-            return check_int(f"data config field {name!r}", data_config.get(name), minimum=minimum)
+        pipeline.check_config_fields(data_config, "digits", _CONFIG_FIELDS)
+        field = functools.partial(pipeline.config_int, data_config)
 
         def optional_count(name: str) -> int | None:
             return None if data_config.get(name) is None else field(name, minimum=1)
@@ -168,10 +161,9 @@ class DigitsConfig(tfds.core.BuilderConfig):
         minilm_path = data_config.get("minilm_path")
         if minilm_path is not None and not isinstance(minilm_path, (str, os.PathLike)):
             raise ValueError(f"data config field 'minilm_path' must be None or a path, got {minilm_path!r}")
-        description = json.dumps(params, sort_keys=True)
-        digest = hashlib.sha256(f"{Digits.VERSION}:{description}".encode()).hexdigest()[:16]
+        name, description = pipeline.hashed_config_name("digits_", Digits.VERSION, params)
         minilm_path = os.fspath(minilm_path) if minilm_path else None
-        return cls(name=f"digits_{digest}", description=description, minilm_path=minilm_path, **params)
+        return cls(name=name, description=description, minilm_path=minilm_path, **params)
 
     def classes_of(self, split: str) -> tuple[int, ...]:
         return dict(self.split_classes)[split]

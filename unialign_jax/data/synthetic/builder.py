@@ -33,8 +33,7 @@ the dominant concept), `step_labels: int32[T]` (the concept of each step), `id` 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
+import functools
 import os
 from collections.abc import Mapping, Sequence
 
@@ -84,14 +83,8 @@ class SyntheticConfig(tfds.core.BuilderConfig):
     @classmethod
     def from_data_config(cls, data_config: ml_collections.ConfigDict) -> SyntheticConfig:
         """Validates a data config (errors name the field) and derives the config name from its hash."""
-        unknown = sorted(set(data_config.keys()) - set(_CONFIG_FIELDS))
-        if unknown:
-            raise ValueError(f"data config: unknown field(s) {unknown} for 'synthetic'; known: {_CONFIG_FIELDS}")
-        if data_config.get("name") != "synthetic":
-            raise ValueError(f"data config field 'name' must be 'synthetic', got {data_config.get('name')!r}")
-
-        def field(name: str, minimum: int | None = None) -> int:
-            return check_int(f"data config field {name!r}", data_config.get(name), minimum=minimum)
+        pipeline.check_config_fields(data_config, "synthetic", _CONFIG_FIELDS)
+        field = functools.partial(pipeline.config_int, data_config)
 
         num_concepts = field("num_concepts", minimum=2)
         seq_len = field("seq_len", minimum=1)
@@ -105,9 +98,8 @@ class SyntheticConfig(tfds.core.BuilderConfig):
             "seed": field("seed"),
             "split_concepts": pipeline.split_class_subsets(data_config.get("concepts"), num_concepts, "concepts"),
         }
-        description = json.dumps(params, sort_keys=True)
-        digest = hashlib.sha256(f"{Synthetic.VERSION}:{description}".encode()).hexdigest()[:16]
-        return cls(name=f"world_{digest}", description=description, **params)
+        name, description = pipeline.hashed_config_name("world_", Synthetic.VERSION, params)
+        return cls(name=name, description=description, **params)
 
     def concepts_of(self, split: str) -> tuple[int, ...]:
         return dict(self.split_concepts)[split]
