@@ -25,6 +25,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from unialign_jax.logs import logger
+
 
 def config_hash(config_json: str) -> str:
     return hashlib.sha256(config_json.encode()).hexdigest()[:16]
@@ -63,15 +65,57 @@ def replicated_target(metadata: Any, mesh: jax.sharding.Mesh | None = None) -> A
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), metadata)
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be saved, or no checkpoint of a folder could be read."""
+
+
+def _reason(error: BaseException) -> str:
+    """`Type: first line of the message` of the exception at the root of `error`'s `raise ... from` chain."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+# Step folders are created in `save` itself: created in the background, a failure there leaves the
+# writers waiting minutes for the folder (and the interpreter waiting for them at exit).
+_ASYNC_OPTIONS = ocp.options.AsyncOptions(create_directories_asynchronously=False)
+
+
+def _finish_writes(checkpointer: ocp.AsyncCheckpointer) -> None:
+    """Waits for the writes a failed save left running, ignoring their errors.
+
+    Orbax raises at the first failed write; one still running at exit fails again ("cannot schedule
+    new futures after shutdown"). Private attributes (Orbax 0.12): no public call waits for them.
+    """
+    for commit in checkpointer._async_manager._commit_futures or ():
+        try:
+            commit.result()
+        except Exception:  # the first failure is the one reported
+            pass
+
+
 class StageCheckpointer:
-    """Orbax CheckpointManager for one stage: periodic saves, latest-N retention, resume."""
+    """Orbax CheckpointManager for one stage: periodic saves, latest-N retention, resume.
+
+    Use it as a context manager (or call `close()` in a `finally`): leaving waits for the pending
+    save, so an exception never leaves a half-written step behind. Save failures (a full disk)
+    raise `CheckpointError` naming the folder and the step.
+
+    Retention: Orbax picks the steps beyond `max_to_keep` when a save starts but deletes them only
+    after the new step is committed, so a failed or interrupted save deletes nothing.
+    """
 
     def __init__(self, directory: epath.PathLike, *, max_to_keep: int = 2):
+        if max_to_keep < 2:
+            raise ValueError(f"max_to_keep must be at least 2 (got {max_to_keep}): resume falls back to the "
+                             "previous checkpoint when the newest is damaged.")
         self.directory = as_path(directory)
+        self._pending: int | None = None  # the step whose asynchronous save may still be running
         self._manager = ocp.CheckpointManager(
             self.directory,
             item_names=("state", "data", "meta"),
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, async_options=_ASYNC_OPTIONS),
             item_handlers={
                 "state": ocp.StandardCheckpointHandler(),
                 "data": grain.checkpoint.CheckpointHandler(),
@@ -79,15 +123,50 @@ class StageCheckpointer:
             },
         )
 
+    def __enter__(self) -> StageCheckpointer:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        """Closes; while an exception propagates, a failed pending save is logged, not raised over it."""
+        try:
+            self.close()
+        except CheckpointError as error:
+            if exc is None:
+                raise
+            logger.error("%s (while stopping on %s)", error, exc_type.__name__)
+
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
     def save(self, step: int, state: Any, data_iterator: Any | None, meta: dict) -> None:
-        """Saves `state`, the iterator position (unless None) and `meta` as step `step` (all processes)."""
+        """Saves `state`, the iterator position (unless None) and `meta` as step `step` (all processes).
+
+        Asynchronous: returns once the arrays are copied; `wait`, `close` or the next `save` raise
+        `CheckpointError` if it fails.
+        """
+        self.wait()
         items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        try:
+            self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as error:
+            self._save_failed(step, error)
+        self._pending = step
+
+    def wait(self) -> None:
+        """Blocks until the pending save is committed; `CheckpointError` if it failed."""
+        step, self._pending = self._pending, None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as error:
+            self._save_failed(step, error)
+
+    def _save_failed(self, step: int | None, error: Exception) -> None:
+        """Raises `error` as `CheckpointError` once the failed save's other writes have stopped."""
+        _finish_writes(self._manager._checkpointer)
+        self._manager.reload()  # Orbax dropped the steps this save was to replace; they are still on disk
+        raise CheckpointError(f"Saving step {step} to {self.directory} failed: {_reason(error)}") from error
 
     def restore(self, step: int, abstract_state: Any, data_iterator: Any | None) -> tuple[Any, dict]:
         """Restores onto `abstract_state`'s shapes and shardings (any mesh); advances `data_iterator`.
@@ -122,18 +201,29 @@ class StageCheckpointer:
         )
         return restored.state, restored.meta
 
-    def wait(self) -> None:
-        self._manager.wait_until_finished()
-
     def close(self) -> None:
-        self._manager.close()
+        """Waits for the pending save (`CheckpointError` if it failed) and stops Orbax's threads."""
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
 
 def save_tree(directory: epath.PathLike, tree: Any) -> None:
-    """Saves a pytree of arrays (e.g. EWC Fisher + anchors) atomically to `directory` (all processes)."""
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(as_path(directory), tree)
-    checkpointer.wait_until_finished()
+    """Saves a pytree of arrays (e.g. EWC Fisher + anchors) atomically to `directory` (all processes).
+
+    `CheckpointError` naming `directory` if the save fails.
+    """
+    path = as_path(directory)
+    checkpointer = ocp.StandardCheckpointer(async_options=_ASYNC_OPTIONS)
+    try:
+        checkpointer.save(path, tree)
+        checkpointer.wait_until_finished()
+    except Exception as error:
+        _finish_writes(checkpointer)
+        raise CheckpointError(f"Saving {path} failed: {_reason(error)}") from error
+    finally:
+        checkpointer.close()
 
 
 def load_tree(directory: epath.PathLike, mesh: jax.sharding.Mesh | None = None) -> Any:
