@@ -1,14 +1,17 @@
-"""StageCheckpointer: failed saves (a full disk) and exceptions during a pending save."""
+"""StageCheckpointer on damaged folders, failed saves and exceptions during a pending save."""
 
 import errno
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 
+import grain
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
@@ -32,9 +35,107 @@ def _saved(directory, steps=(10, 20), **kwargs) -> ckpt_lib.StageCheckpointer:
     return checkpointer
 
 
+def _truncate(path) -> None:
+    os.truncate(path, os.path.getsize(path) // 2)
+
+
+def _largest_array_file(step_dir) -> str:
+    files = [os.path.join(root, name) for root, _, names in os.walk(step_dir / "state" / "ocdbt.process_0")
+             for name in names]
+    return max(files, key=os.path.getsize)
+
+
+DAMAGE = {  # name: (damage step 20, whether its meta still reads)
+    "truncated array file": (lambda d: _truncate(_largest_array_file(d)), True),
+    "truncated array metadata": (lambda d: _truncate(d / "state" / "_METADATA"), True),
+    "deleted array files": (lambda d: shutil.rmtree(d / "state" / "ocdbt.process_0"), True),
+    "deleted state item": (lambda d: shutil.rmtree(d / "state"), True),
+    "deleted meta item": (lambda d: shutil.rmtree(d / "meta"), False),
+    "truncated meta": (lambda d: _truncate(d / "meta" / "metadata"), False),
+}
+
+
 def test_max_to_keep_below_two_is_refused(tmp_path):
     with pytest.raises(ValueError, match="max_to_keep must be at least 2 \\(got 1\\)"):
         ckpt_lib.StageCheckpointer(tmp_path, max_to_keep=1)
+
+
+def test_empty_folder_has_nothing_to_resume(tmp_path):
+    with ckpt_lib.StageCheckpointer(tmp_path / "stage") as checkpointer:
+        assert checkpointer.restore_latest_intact(_target(), None) is None
+        assert checkpointer.read_meta() is None
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_resume_falls_back_past_a_damaged_latest_step(tmp_path, caplog, damage):
+    _saved(tmp_path).close()
+    damage_fn, meta_intact = DAMAGE[damage]
+    damage_fn(tmp_path / "20")
+
+    with ckpt_lib.StageCheckpointer(tmp_path) as checkpointer:
+        assert checkpointer.read_meta() == {"step": 20 if meta_intact else 10, "finished": False}
+        with pytest.raises(ckpt_lib.CheckpointError, match=f"Cannot read step 20 of {tmp_path}: "):
+            checkpointer.restore(20, _target(), None)
+        with caplog.at_level(logging.WARNING, logger="unialign_jax"):
+            step, state, meta = checkpointer.restore_latest_intact(_target(), None)
+        assert (step, int(state["step"]), meta["step"]) == (10, 10, 10)
+        np.testing.assert_array_equal(state["w"], np.arange(1024.0) + 10)
+        assert f"Skipping unreadable checkpoint step 20 in {tmp_path}: " in caplog.text
+        set_aside = [name for name in os.listdir(tmp_path) if name.startswith("20.damaged-")]
+        assert len(set_aside) == 1  # kept, not deleted
+        assert checkpointer.latest_step() == 10
+
+        checkpointer.save(20, _state(20), None, {"step": 20, "finished": True})  # the resumed run redoes step 20
+    with ckpt_lib.StageCheckpointer(tmp_path) as checkpointer:
+        step, state, meta = checkpointer.restore_latest_intact(_target(), None)
+        assert (step, int(state["step"]), meta["finished"]) == (20, 20, True)
+
+
+def test_damaged_latest_step_is_an_error_for_restore_state(tmp_path):
+    _saved(tmp_path).close()
+    _truncate(_largest_array_file(tmp_path / "20"))
+    with ckpt_lib.StageCheckpointer(tmp_path) as checkpointer:
+        with pytest.raises(ckpt_lib.CheckpointError, match=f"Cannot read step 20 of {tmp_path}: ValueError: "):
+            checkpointer.restore_state()
+        state, meta = checkpointer.restore_state(10)
+    assert int(state["step"]) == meta["step"] == 10
+
+
+def test_no_intact_step_is_one_clear_error_and_renames_nothing(tmp_path):
+    _saved(tmp_path).close()
+    for step in ("10", "20"):
+        shutil.rmtree(tmp_path / step / "meta")
+    with ckpt_lib.StageCheckpointer(tmp_path) as checkpointer:
+        with pytest.raises(ckpt_lib.CheckpointError,
+                           match=f"No readable checkpoint in {tmp_path}: step 20: KeyError: .*; step 10: KeyError: "):
+            checkpointer.restore_latest_intact(_target(), None)
+        with pytest.raises(ckpt_lib.CheckpointError, match=f"No readable checkpoint in {tmp_path}"):
+            checkpointer.read_meta()
+    assert sorted(os.listdir(tmp_path)) == ["10", "20"]
+
+
+def test_a_wrong_target_is_not_taken_for_damage(tmp_path):
+    _saved(tmp_path).close()
+    wrong = {**_target(), "extra": jax.ShapeDtypeStruct((1,), jnp.float32)}
+    with ckpt_lib.StageCheckpointer(tmp_path) as checkpointer:
+        with pytest.raises(ckpt_lib.CheckpointError, match="No readable checkpoint"):
+            checkpointer.restore_latest_intact(wrong, None)
+    assert sorted(os.listdir(tmp_path)) == ["10", "20"]
+
+
+def test_a_damaged_iterator_position_falls_back_with_its_step(tmp_path):
+    iterator = iter(grain.MapDataset.range(100).to_iter_dataset())
+    with ckpt_lib.StageCheckpointer(tmp_path) as checkpointer:
+        for step in (10, 20):
+            while iterator.get_state()["next_index"] < step:
+                next(iterator)
+            checkpointer.save(step, _state(step), iterator, {"step": step})
+    _truncate(tmp_path / "20" / "data" / "process_0-of-1.json")
+
+    resumed = iter(grain.MapDataset.range(100).to_iter_dataset())
+    with ckpt_lib.StageCheckpointer(tmp_path) as checkpointer:
+        step, _, _ = checkpointer.restore_latest_intact(_target(), resumed)
+    assert step == 10 and next(resumed) == 10
 
 
 def _disk_full(monkeypatch, where: str) -> None:
@@ -68,7 +169,7 @@ def test_a_full_disk_is_a_checkpoint_error_and_deletes_nothing(tmp_path, monkeyp
     checkpointer.close()
     assert sorted(name for name in os.listdir(tmp_path) if name.isdigit()) == ["20", "30"]
     with ckpt_lib.StageCheckpointer(tmp_path) as resumed:
-        assert resumed.restore(30, _target(), None)[1] == {"step": 30}
+        assert resumed.restore_latest_intact(_target(), None)[0] == 30
 
 
 def test_a_full_disk_fails_save_tree_clearly(tmp_path, monkeypatch):
@@ -86,7 +187,7 @@ def test_an_exception_during_a_pending_save_commits_it(tmp_path, caplog, monkeyp
             checkpointer.save(10, _state(10), None, {"step": 10})
             raise FloatingPointError("NaN loss")
     with ckpt_lib.StageCheckpointer(tmp_path) as checkpointer:
-        assert checkpointer.restore(10, _target(), None)[1] == {"step": 10}
+        assert checkpointer.restore_latest_intact(_target(), None)[0] == 10
 
     _disk_full(monkeypatch, "file")
     with pytest.raises(FloatingPointError), caplog.at_level(logging.ERROR, logger="unialign_jax"):

@@ -7,7 +7,8 @@ One `StageCheckpointer` per stage folder. A checkpoint holds three items:
 - `meta`: JSON (stage name and index, codebook active/capacity, modalities, config hash, versions,
   `finished`), readable without building the model (`read_meta`).
 Saves are atomic (Orbax commits a step only when complete), so an interrupted save never leaves a
-half-written checkpoint behind.
+half-written checkpoint behind. A step damaged afterwards (truncated or deleted files) is found on
+resume: `restore_latest_intact` falls back to the newest step that restores.
 
 Paths are `etils.epath` paths: local directories and object stores (`gs://bucket/...`) alike.
 Multi-host: every process calls `save`/`restore` (Orbax writes and reads the array shards
@@ -18,13 +19,18 @@ shardings of the target it is given, which may come from a different mesh than t
 from __future__ import annotations
 
 import hashlib
+import time
+from collections.abc import Callable
 from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
+from unialign_jax import files
 from unialign_jax.logs import logger
 
 
@@ -93,6 +99,13 @@ def _finish_writes(checkpointer: ocp.AsyncCheckpointer) -> None:
             commit.result()
         except Exception:  # the first failure is the one reported
             pass
+
+
+def _on_every_process(ok: bool) -> bool:
+    """Whether `ok` holds on every process (all processes call this together)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(multihost_utils.process_allgather(np.asarray(ok)).all())
 
 
 class StageCheckpointer:
@@ -172,34 +185,112 @@ class StageCheckpointer:
         """Restores onto `abstract_state`'s shapes and shardings (any mesh); advances `data_iterator`.
 
         `abstract_state` is a pytree of `jax.ShapeDtypeStruct`s with shardings; a None
-        `data_iterator` skips the iterator position.
+        `data_iterator` skips the iterator position. `CheckpointError` if the step cannot be read.
         """
+        return self._at(step, lambda step: self._restore(step, abstract_state, data_iterator))
+
+    def _restore(self, step: int, abstract_state: Any, data_iterator: Any | None) -> tuple[Any, dict]:
         items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         return restored.state, restored.meta
 
-    def read_meta(self, step: int | None = None) -> dict | None:
-        step = self.latest_step() if step is None else step
-        if step is None:
+    def restore_latest_intact(self, abstract_state: Any, data_iterator: Any | None
+                              ) -> tuple[int, Any, dict] | None:
+        """`(step, state, meta)` of the newest step that restores (as `restore`); None without steps.
+
+        Newer damaged steps (truncated or missing files) are logged and renamed
+        `<step>.damaged-<time>`, so the resumed run can save those steps again; nothing is deleted.
+        `CheckpointError` listing each step's failure when none restores (nothing is renamed then:
+        the cause may be `abstract_state` rather than the files). All processes call it together and
+        agree on each step; a file damaged for one process only (its iterator position or array
+        shards) desynchronizes Orbax's own barriers, which stops the run instead.
+        """
+        found = self._newest(lambda step: self._restore(step, abstract_state, data_iterator), collective=True)
+        if found is None:
             return None
+        step, (state, meta), damaged = found
+        self._set_aside(damaged)
+        return step, state, meta
+
+    def read_meta(self, step: int | None = None) -> dict | None:
+        """`meta` of `step`, else of the newest step whose meta reads (damaged newer ones are logged).
+
+        None without steps; `CheckpointError` when the meta of `step` (or of every step) is unreadable.
+        """
+        if step is not None:
+            return self._at(step, self._read_meta)
+        found = self._newest(self._read_meta, collective=False)
+        return None if found is None else found[1]
+
+    def _read_meta(self, step: int) -> dict:
         return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
     def restore_state(self, step: int | None = None, mesh: jax.sharding.Mesh | None = None) -> tuple[Any, dict]:
         """Restores the stored state with its stored shapes, without a target structure.
 
         The arrays come back fully replicated on `mesh` (default: `replicated_target`'s), whatever
-        the mesh or the number of processes that saved them.
+        the mesh or the number of processes that saved them. `step` defaults to the latest, with no
+        fallback (callers want the stage's final state): `CheckpointError` if it cannot be read.
         """
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"No checkpoint in {self.directory}.")
+        return self._at(step, lambda step: self._restore_replicated(step, mesh))
+
+    def _restore_replicated(self, step: int, mesh: jax.sharding.Mesh | None) -> tuple[Any, dict]:
         target = replicated_target(self._manager.item_metadata(step).state, mesh)
         restored = self._manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
         )
         return restored.state, restored.meta
+
+    def _at(self, step: int, read: Callable[[int], Any]) -> Any:
+        """`read(step)`, with a failure raised as `CheckpointError` naming the step."""
+        self.wait()
+        try:
+            return read(step)
+        except Exception as error:
+            raise CheckpointError(f"Cannot read step {step} of {self.directory}: {_reason(error)}") from error
+
+    def _newest(self, read: Callable[[int], Any], *, collective: bool) -> tuple[int, Any, list[int]] | None:
+        """`(step, read(step), newer damaged steps)` for the newest step `read` succeeds on.
+
+        None without steps; `CheckpointError` when it fails on every step. `collective`: all
+        processes call it and agree on each step.
+        """
+        self.wait()
+        failures: dict[int, str] = {}
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                result, reason = read(step), None
+            except Exception as error:
+                result, reason = None, _reason(error)
+            if _on_every_process(reason is None) if collective else reason is None:
+                return step, result, list(failures)
+            failures[step] = reason or "unreadable on another process"
+            logger.warning("Skipping unreadable checkpoint step %d in %s: %s", step, self.directory, failures[step])
+        if failures:
+            raise CheckpointError(f"No readable checkpoint in {self.directory}: "
+                                  + "; ".join(f"step {step}: {reason}" for step, reason in failures.items()))
+        return None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Renames `steps` to `<step>.damaged-<time>` (process 0), a name Orbax does not list.
+
+        On an object store a rename copies every file of the step.
+        """
+        if not steps:
+            return
+        if files.is_primary():
+            stamp = time.strftime("%Y%m%dT%H%M%S")
+            for step in steps:
+                target = (self.directory / str(step)).rename(self.directory / f"{step}.damaged-{stamp}")
+                logger.warning("Moved damaged checkpoint step %d aside to %s.", step, target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"unialign_jax set aside damaged steps in {self.directory}")
+        self._manager.reload()
 
     def close(self) -> None:
         """Waits for the pending save (`CheckpointError` if it failed) and stops Orbax's threads."""
