@@ -1,7 +1,14 @@
-"""Workdir files on object stores (`gs://`, faked by fsspec's in-memory filesystem) and process-0 writes."""
+"""Workdir files on object stores (`gs://`, faked by fsspec's in-memory filesystem), process-0 writes and
+the workdir lock."""
 
 import importlib
 import json
+import logging
+import os
+import re
+import socket
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -77,3 +84,70 @@ def test_only_process_zero_writes(tmp_path, monkeypatch):
     report.write_summary(tmp_path / "results", [{"name": "s", "modalities": ["audio"], "metrics": {}}])
     train.check_workdir_config(str(tmp_path / "run"), tiny_cmg_config("/unused"))
     assert list(tmp_path.iterdir()) == []
+
+
+def _lock_json(path, **owner) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / ".lock").write_text(json.dumps(owner))
+
+
+def test_workdir_lock_is_exclusive_and_released(tmp_path):
+    workdir = tmp_path / "run"
+    with files.WorkdirLock(workdir):
+        owner = json.loads((workdir / ".lock").read_text())
+        assert (owner["pid"], owner["host"]) == (os.getpid(), socket.gethostname()) and owner["started"]
+        with pytest.raises(files.WorkdirLocked, match=rf"{workdir} is in use by pid {os.getpid()} on "
+                                                      rf"{re.escape(socket.gethostname())} since "):
+            with files.WorkdirLock(workdir):
+                pass
+    assert not (workdir / ".lock").exists()
+    with files.WorkdirLock(workdir):  # free again
+        assert (workdir / ".lock").exists()
+
+
+def test_a_stale_lock_of_this_host_is_taken_over(tmp_path, caplog):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    _lock_json(tmp_path, pid=dead.pid, host=socket.gethostname(), started="yesterday")
+    with caplog.at_level(logging.WARNING, logger="unialign_jax"), files.WorkdirLock(tmp_path):
+        assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    assert f"Taking over the stale lock {tmp_path / '.lock'}: pid {dead.pid}" in caplog.text
+    assert not (tmp_path / ".lock").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (json.dumps({"pid": 1, "host": "other-host", "started": "yesterday"}),
+     "in use by pid 1 on other-host since yesterday"),
+    ("", "is locked .*unreadable"),
+])
+def test_a_lock_that_cannot_be_checked_is_kept(tmp_path, content, message):
+    (tmp_path / ".lock").write_text(content)
+    with pytest.raises(files.WorkdirLocked, match=message):
+        with files.WorkdirLock(tmp_path):
+            pass
+    assert (tmp_path / ".lock").read_text() == content
+
+
+def test_release_keeps_a_lock_another_run_has_taken(tmp_path):
+    with files.WorkdirLock(tmp_path):
+        _lock_json(tmp_path, pid=1, host="other-host", started="now")
+    assert json.loads((tmp_path / ".lock").read_text())["host"] == "other-host"
+
+
+def test_workdir_lock_on_an_object_store(fake_gcs):
+    with files.WorkdirLock(fake_gcs):
+        assert json.loads((fake_gcs / ".lock").read_text())["pid"] == os.getpid()
+        with pytest.raises(files.WorkdirLocked, match=f"in use by pid {os.getpid()}"):
+            with files.WorkdirLock(fake_gcs):
+                pass
+    assert not (fake_gcs / ".lock").exists()
+
+
+def test_only_process_zero_locks(tmp_path, monkeypatch):
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    with files.WorkdirLock(tmp_path / "run"):
+        pass
+    _lock_json(tmp_path, pid=1, host="other-host", started="now")
+    with files.WorkdirLock(tmp_path):  # process 0's lock is not this process's concern
+        pass
+    assert not (tmp_path / "run").exists()

@@ -2,17 +2,21 @@
 
 Paths go through `etils.epath`, as Orbax's do: a `gs://` workdir needs `gcsfs` (`pip install
 'unialign_jax[gcs]'`) or TensorFlow. Every process of a multi-host run sees the same workdir, so
-only process 0 writes; all processes may read.
+only process 0 writes; all processes may read. `WorkdirLock` keeps two runs out of one workdir.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import socket
 from typing import Any
 
 import jax
 from etils import epath
+
+from unialign_jax.logs import logger
 
 
 def is_primary() -> bool:
@@ -65,3 +69,88 @@ def append_text(path: epath.PathLike, text: str) -> None:
         return
     previous = path.read_text(encoding="utf-8") if path.exists() else ""
     write_atomic(path, previous + text)
+
+
+class WorkdirLocked(RuntimeError):
+    """Another run holds the workdir's lock."""
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        pass
+    return True
+
+
+class WorkdirLock:
+    """Holds `workdir/.lock` (JSON {pid, host, started}) while a run uses the workdir.
+
+    A context manager; only process 0 locks (the other processes do nothing). Local paths: the lock
+    is created with O_EXCL, so of two runs only one gets it; a lock whose process (on this host) is
+    gone is taken over with a warning. Object stores (`gs://`): best effort only. The check and the
+    write are separate requests, so two runs starting at the same moment may both pass, and a lock
+    from another host is never taken as stale (its pid cannot be checked from here).
+    """
+
+    def __init__(self, workdir: epath.PathLike):
+        self.path = epath.Path(workdir) / ".lock"
+        self._owner: dict | None = None
+
+    def __enter__(self) -> WorkdirLock:
+        if is_primary():
+            self._acquire()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        """Deletes the lock, unless another run has replaced it meanwhile."""
+        if self._owner is not None and self._holder() == self._owner:
+            self.path.unlink()
+        self._owner = None
+
+    def _acquire(self) -> None:
+        owner = {"pid": os.getpid(), "host": socket.gethostname(),
+                 "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self._create(json.dumps(owner)):
+            holder = self._holder()
+            pid = holder.get("pid")
+            if holder.get("host") != owner["host"] or not isinstance(pid, int) or _pid_alive(pid):
+                raise WorkdirLocked(self._in_use(holder))
+            logger.warning("Taking over the stale lock %s: pid %d on %s is gone.", self.path, pid, holder["host"])
+            self.path.unlink(missing_ok=True)
+            if not self._create(json.dumps(owner)):
+                raise WorkdirLocked(self._in_use(self._holder()))
+        self._owner = owner
+
+    def _create(self, text: str) -> bool:
+        """Writes `text` to the lock unless it exists; whether it did."""
+        if not _is_local(self.path):
+            if self.path.exists():
+                return False
+            self.path.write_text(text, encoding="utf-8")
+            return True
+        try:
+            fd = os.open(os.fspath(self.path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        return True
+
+    def _holder(self) -> dict:
+        """The lock's JSON; {} when it is unreadable or gone."""
+        try:
+            holder = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return holder if isinstance(holder, dict) else {}
+
+    def _in_use(self, holder: dict) -> str:
+        if not holder:
+            return f"{self.path.parent} is locked ({self.path} is unreadable); delete it if no run uses this workdir."
+        return (f"{self.path.parent} is in use by pid {holder.get('pid')} on {holder.get('host')} since "
+                f"{holder.get('started')}; stop that run, or delete {self.path} if it is gone.")
