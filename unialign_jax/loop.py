@@ -83,8 +83,9 @@ def state_shardings(abstract_state: TrainState, mesh, rules) -> Any:
 class JittedStep:
     """A stage's train step: one `jax.jit` (state donated, state and batch sharded) of `self._step`.
 
-    It must compile once per stage (`trace_count` counts the traces; tests guard it). `metric_order` is the order of the metrics `_step` returns (a jitted
-    dict comes back with sorted keys). Subclasses define `_step(state, batch) -> (state, metrics)`.
+    It must compile once per stage (`trace_count` counts the traces; tests guard it). `metric_order`
+    is the order of the metrics `_step` returns (a jitted dict comes back with sorted keys).
+    Subclasses define `_step(state, batch) -> (state, metrics)`.
     """
 
     def __init__(

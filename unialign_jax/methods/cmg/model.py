@@ -81,14 +81,14 @@ def assemble_state(config: ml_collections.ConfigDict, stage: StageSpec, all_para
 
 
 
-def train_iterator(config: ml_collections.ConfigDict, stage: StageSpec):
-    """The CMG/COMET training batches of a stage: its modalities from its dataset (`pipeline`)."""
+def train_iterator(config: ml_collections.ConfigDict, stage: StageSpec, *, seed_offset: int = 0):
+    """The CMG/COMET training batches of a stage: its modalities from its dataset (`pipeline`), shuffled
+    with seed `config.seed + stage.index + seed_offset` (the Fisher estimate draws other batches)."""
     return pipeline.make_train_iterator(
         stage.data,
         modalities=stage.modalities,
         batch_size=config.batch_size,
-        seed=config.seed + stage.index,
+        seed=config.seed + stage.index + seed_offset,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-

@@ -19,7 +19,6 @@ import optax
 
 from unialign_jax import optim
 from unialign_jax import parallel
-from unialign_jax.data import pipeline
 from unialign_jax.loop import JittedStep, StageSpec, TrainState, state_shardings
 from unialign_jax.losses import cmg as cmg_losses
 from unialign_jax.losses import continual as continual_losses
@@ -216,9 +215,7 @@ def estimate_fisher(config: ml_collections.ConfigDict, stage: StageSpec, state: 
         grads = step_fn.gradients(state, batch, with_ewc=False)[0]
         return jax.tree.map(jnp.square, optim.split_params(grads, patterns)[0])
 
-    iterator = pipeline.make_train_iterator(
-        stage.data, modalities=stage.modalities, batch_size=config.batch_size, seed=config.seed + 1000 + stage.index,
-        process_index=jax.process_index(), process_count=jax.process_count())
+    iterator = model_lib.train_iterator(config, stage, seed_offset=1000)
     total = None
     for _ in range(config.continual.fisher_batches):
         squared = squared_gradients(state, parallel.global_batch(next(iterator), mesh))

@@ -42,7 +42,8 @@ def _check_architecture(config: ml_collections.ConfigDict, imported: Transformer
 def pretrained_params(config: ml_collections.ConfigDict) -> dict | None:
     """The frozen weights to overlay on fresh params, from `config.model.backbone_weights`.
 
-    'minilm': all-MiniLM-L6-v2 (`anchors.minilm_path`, else `weights.locate_or_download_minilm`); a `.safetensors` / `.npz` path: BERT or CLIP-vision weights of `config.model.backbone`
+    'minilm': all-MiniLM-L6-v2 (`anchors.minilm_path`, else `weights.locate_or_download_minilm`);
+    a `.safetensors` / `.npz` path: BERT or CLIP-vision weights of `config.model.backbone`
     (for CLIP, the image tokenizer also gets CLIP's patch embedding); '': none (random backbone, for
     tests only).
     """
