@@ -61,6 +61,10 @@ def test_workdir_config_summary_plot_and_progress_on_gs(fake_gcs):
     assert files.read_json(fake_gcs / "config.json")["batch_size"] == 16
     train.check_workdir_config(str(fake_gcs), config)  # the same config resumes
     config.batch_size = 8
+    train.check_workdir_config(str(fake_gcs), config)  # nothing trained yet: the new config replaces it
+    assert files.read_json(fake_gcs / "config.json")["batch_size"] == 8
+    (fake_gcs / "stage_1_pretrain" / "5").mkdir(parents=True)  # a checkpoint step: the run has started
+    config.batch_size = 16
     with pytest.raises(ValueError, match=r"different config \(top-level fields differ: \['batch_size'\]\)"):
         train.check_workdir_config(str(fake_gcs), config)
 
@@ -70,7 +74,7 @@ def test_workdir_config_summary_plot_and_progress_on_gs(fake_gcs):
     png = report.plot_code_usage(fake_gcs / "results" / "codes.png", np.ones((4, 2), int), ("audio", "text"))
     assert png.read_bytes()[:4] == b"\x89PNG"
 
-    progress = loop.ProgressLog(str(fake_gcs), loop.stage_specs(config)[0], first_step=0)
+    progress = loop.ProgressLog(str(fake_gcs), loop.stage_specs(config)[0])
     progress.write(2, {"loss/total": 1.5})
     progress.write(4, {"loss/total": 1.0})
     lines = [json.loads(line) for line in (fake_gcs / "metrics.jsonl").read_text().splitlines()]

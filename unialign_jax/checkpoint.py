@@ -31,6 +31,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from unialign_jax import files
+from unialign_jax.errors import UserError
 from unialign_jax.logs import logger
 
 
@@ -71,7 +72,7 @@ def replicated_target(metadata: Any, mesh: jax.sharding.Mesh | None = None) -> A
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), metadata)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint could not be saved, or no checkpoint of a folder could be read."""
 
 

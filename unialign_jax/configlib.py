@@ -12,14 +12,20 @@ from typing import Any
 
 import ml_collections
 
+from unialign_jax import optim
 from unialign_jax.data import pipeline
 from unialign_jax.data.pipeline import MODALITIES
+from unialign_jax.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A config value is invalid; the message names the field."""
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     """Parses `key=value,key2=value2` into a ConfigDict typed like `defaults` (big_vision style).
 
-    Unknown keys and values that cannot be converted raise a ValueError naming the key.
+    Unknown keys and values that cannot be converted raise a `ConfigError` naming the key.
     """
     result = ml_collections.ConfigDict(dict(defaults))
     if not arg:
@@ -28,21 +34,22 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
         if not item:
             continue
         if "=" not in item:
-            raise ValueError(
-                f"Config arg {item!r} must look like key=value (known keys: {sorted(defaults)})."
-            )
+            raise ConfigError(f"Config arg {item!r} must look like key=value (known keys: {sorted(defaults)}).")
         key, value = item.split("=", 1)
         if key not in defaults:
-            raise ValueError(f"Unknown config arg {key!r}; known keys: {sorted(defaults)}.")
+            raise ConfigError(f"Unknown config arg {key!r}; known keys: {sorted(defaults)}.")
         default = defaults[key]
         if isinstance(default, bool):
             if value.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(f"Config arg {key!r} must be a boolean, got {value!r}.")
+                raise ConfigError(f"Config arg {key!r} must be a boolean, got {value!r}.")
             result[key] = value.lower() in ("true", "1")
-        elif isinstance(default, int):
-            result[key] = int(value)
-        elif isinstance(default, float):
-            result[key] = float(value)
+        elif isinstance(default, (int, float)):
+            kind = type(default)
+            try:
+                result[key] = kind(value)
+            except ValueError:
+                raise ConfigError(f"Config arg {key!r} must be {'an integer' if kind is int else 'a number'}, "
+                                  f"got {value!r}.") from None
         else:
             result[key] = value
     return result
@@ -55,10 +62,6 @@ def split_modalities(text: str) -> tuple[str, ...]:
         if name not in MODALITIES:
             raise ValueError(f"Unknown modality {name!r} in {text!r}; known: {', '.join(MODALITIES)}.")
     return names
-
-
-class ConfigError(ValueError):
-    """A config value is invalid; the message names the field."""
 
 
 def digits_data(*, classes: tuple[int, ...] = (), seed: int = 0) -> ml_collections.ConfigDict:
@@ -85,6 +88,9 @@ def check_run_fields(config: ml_collections.ConfigDict) -> None:
     rate = config.optim.learning_rate
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0:
         raise ConfigError(f"config.optim.learning_rate must be a positive number, got {rate!r}.")
+    for field, known in (("name", optim.OPTIMIZERS), ("schedule", optim.SCHEDULES)):
+        if config.optim[field] not in known:
+            raise ConfigError(f"config.optim.{field}: unknown value {config.optim[field]!r} (known: {', '.join(known)}).")
 
 
 @functools.cache

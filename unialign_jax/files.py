@@ -16,6 +16,7 @@ from typing import Any
 import jax
 from etils import epath
 
+from unialign_jax.errors import UserError
 from unialign_jax.logs import logger
 
 
@@ -71,7 +72,31 @@ def append_text(path: epath.PathLike, text: str) -> None:
     write_atomic(path, previous + text)
 
 
-class WorkdirLocked(RuntimeError):
+class WorkdirError(UserError, OSError):
+    """A workdir that cannot be used: a file, not writable, an unusable name."""
+
+
+def check_writable_dir(workdir: epath.PathLike) -> epath.Path:
+    """Creates `workdir` if needed and checks that this process can write in it (process 0 writes a
+    probe file and removes it); `WorkdirError` naming the path and the reason otherwise."""
+    path = epath.Path(workdir)
+    try:
+        if path.exists() and not path.is_dir():
+            raise WorkdirError(f"--workdir {workdir} is a file, not a directory.")
+        path.mkdir(parents=True, exist_ok=True)
+        if is_primary():
+            probe = path / f".write-probe.{os.getpid()}"
+            probe.write_text("", encoding="utf-8")
+            probe.unlink()
+    except WorkdirError:
+        raise
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise WorkdirError(f"--workdir {workdir} cannot be written: {reason}.") from error
+    return path
+
+
+class WorkdirLocked(UserError, RuntimeError):
     """Another run holds the workdir's lock."""
 
 

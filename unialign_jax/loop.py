@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -19,12 +21,14 @@ import flax
 import jax
 import ml_collections
 from etils import epath
+from jax.experimental import multihost_utils
 
 from unialign_jax import checkpoint as ckpt_lib
 from unialign_jax import optim
 from unialign_jax import parallel
 from unialign_jax import profiling
 from unialign_jax import writers as writers_lib
+from unialign_jax.errors import Interrupted, UserError
 from unialign_jax.logs import logger
 
 
@@ -124,26 +128,60 @@ class JittedStep:
         return self._jitted.lower(state, batch)
 
 
+class NonFiniteError(UserError, FloatingPointError):
+    """A step produced a non-finite metric or state; nothing from that step on was saved."""
+
+    hint = "lower the learning rate (or check the data); the newest checkpoint is finite and is the resume point"
+
+
+def check_metrics_finite(stage: StageSpec, step: int, metrics: dict) -> dict[str, float]:
+    """`metrics` (on the device or the host) as floats; `NonFiniteError` naming the step and the first
+    non-finite metric."""
+    scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    for name, value in scalars.items():
+        if not math.isfinite(value):
+            raise NonFiniteError(f"Stage {stage.name!r} step {step}: metric {name} is {value}.")
+    return scalars
+
+
+@jax.jit
+def _finite_leaves(tree) -> dict:
+    """{leaf path: whether every entry is finite} over the floating-point leaves of `tree`."""
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    return {jax.tree_util.keystr(path): jax.numpy.isfinite(leaf).all() for path, leaf in leaves
+            if jax.numpy.issubdtype(leaf.dtype, jax.numpy.inexact)}
+
+
+def check_state_finite(stage: StageSpec, step: int, state: TrainState) -> None:
+    """`NonFiniteError` naming the step and the first non-finite leaf of the state about to be saved."""
+    bad = [path for path, ok in jax.device_get(_finite_leaves(state)).items() if not ok]
+    if bad:
+        raise NonFiniteError(f"Stage {stage.name!r} step {step}: the updated state is not finite "
+                             f"({len(bad)} leaves, first {bad[0]}).")
+
+
 class ProgressLog:
     """Console progress (step, the step's `loss/*` metrics in its order, steps/s, ETA) and the metric
-    writers (default: `metrics.jsonl` in the workdir; process 0). Every logged metric must be finite."""
+    writers (default: `metrics.jsonl` in the workdir; process 0).
 
-    def __init__(self, workdir: str, stage: StageSpec, first_step: int,
-                 writer: writers_lib.MetricWriter | None = None):
+    Rate and ETA count from `compiled()`, the end of the first step of the run, so compilation does
+    not enter them.
+    """
+
+    def __init__(self, workdir: str, stage: StageSpec, writer: writers_lib.MetricWriter | None = None):
         self.writer = writer or writers_lib.JsonlWriter(epath.Path(workdir) / "metrics.jsonl")
         self.stage = stage
-        self.first_step = first_step
-        self.start = time.perf_counter()
+        self.timed_from: tuple[int, float] | None = None
 
-    def write(self, step: int, metrics: dict, order: tuple[str, ...] = ()) -> None:
-        elapsed = time.perf_counter() - self.start
-        done = step - self.first_step
-        rate = done / elapsed if elapsed > 0 else float("nan")
+    def compiled(self, step: int) -> None:
+        """Step `step`, the first of this run, has finished (compilation included)."""
+        self.timed_from = (step, time.perf_counter())
+
+    def write(self, step: int, scalars: dict[str, float], order: tuple[str, ...] = ()) -> None:
+        rate = float("nan")
+        if self.timed_from is not None and step > self.timed_from[0]:
+            rate = (step - self.timed_from[0]) / (time.perf_counter() - self.timed_from[1])
         eta = (self.stage.steps - step) / rate if rate > 0 else float("nan")
-        scalars = {k: float(v) for k, v in metrics.items()}
-        for name, value in scalars.items():
-            if not math.isfinite(value):
-                raise FloatingPointError(f"Stage {self.stage.name!r} step {step}: metric {name} is {value}.")
         names = [k for k in (*order, *scalars) if k.startswith("loss/")]
         shown = " ".join(f"{k.split('/', 1)[1]}={scalars[k]:.4g}" for k in dict.fromkeys(names))
         logger.info(
@@ -211,6 +249,51 @@ def restore_finished(config: ml_collections.ConfigDict, stage: StageSpec, workdi
     return parallel.put_on_mesh(state, state_shardings(state, mesh, config.sharding_rules))
 
 
+class StopSignals:
+    """While entered, SIGTERM (a preemption notice: TPU, SLURM, Kubernetes) and SIGINT (Ctrl-C)
+    only set `received`; the training loop saves at the next step boundary and stops. A second
+    Ctrl-C interrupts at once. On several processes the stop must be agreed: there the loop also
+    asks JAX's preemption sync point (`multihost_utils.reached_preemption_sync_point`, what Orbax's
+    `reached_preemption` uses), which the coordination service triggers on SIGTERM.
+
+    Handlers are installed only in the main thread (elsewhere the object never fires).
+    """
+
+    EXIT_CODES = {signal.SIGTERM: 0, signal.SIGINT: 130}
+
+    def __init__(self):
+        self.received: signal.Signals | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.EXIT_CODES:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum)
+        logger.warning("%s received: saving at the end of this step, then stopping.", self.received.name)
+
+    def should_stop(self, step: int) -> bool:
+        if jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(step):
+            self.received = self.received or signal.SIGTERM
+        return self.received is not None
+
+    def stopped(self, where: str) -> Interrupted:
+        """The exception that ends the run after the state at `where` was saved."""
+        name = self.received.name
+        return Interrupted(f"stopped by {name} {where}; rerun the same command to continue from there.",
+                           self.EXIT_CODES[self.received])
+
+
 def train_stage(
     config: ml_collections.ConfigDict,
     stage: StageSpec,
@@ -222,8 +305,15 @@ def train_stage(
     iterator_factory: Callable[[ml_collections.ConfigDict, StageSpec], Any],
     writer: writers_lib.MetricWriter | None = None,
     profiler: profiling.ProfileWindow | profiling.NoProfile | None = None,
+    stop: StopSignals | None = None,
 ) -> TrainState:
     """Runs (or resumes) one stage to completion and returns its final state.
+
+    Resume starts from the newest intact checkpoint (damaged newer ones are set aside,
+    `StageCheckpointer.restore_latest_intact`). Every step's metrics are checked (one step behind,
+    so the device stays busy) and the state before every save, so a non-finite run stops naming
+    its first bad step and never saves it. On `stop` (SIGTERM, Ctrl-C) the current step is saved
+    and `Interrupted` raised.
 
     Args:
       initial_state: builds the stage's starting state (when resuming, it gives the structure; a run
@@ -232,39 +322,56 @@ def train_stage(
       iterator_factory: `(config, stage) -> iterator` of host batches with grain's checkpointable state.
       writer: where logged metrics go (default: `metrics.jsonl`).
       profiler: a `profiling` window told each step before it runs (default: none).
+      stop: the signals that stop the run after a save (default: none).
     """
-    checkpointer = ckpt_lib.StageCheckpointer(
-        epath.Path(workdir) / stage.folder, max_to_keep=config.checkpoint.max_to_keep
-    )
-    state = initial_state()
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
-    shardings = state_shardings(abstract, mesh, config.sharding_rules)
-    state = parallel.put_on_mesh(state, shardings)
-    data_iterator = iterator_factory(config, stage)
+    folder = epath.Path(workdir) / stage.folder
+    with ckpt_lib.StageCheckpointer(folder, max_to_keep=config.checkpoint.max_to_keep) as checkpointer:
+        state = initial_state()
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
+        shardings = state_shardings(abstract, mesh, config.sharding_rules)
+        state = parallel.put_on_mesh(state, shardings)
+        data_iterator = iterator_factory(config, stage)
 
-    latest = checkpointer.latest_step()
-    if latest is not None:
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-        state, meta = checkpointer.restore(latest, target, data_iterator)
-        logger.info("[%s] resumed from step %d%s.", stage.name, latest, " (finished)" if meta["finished"] else "")
-        if meta["finished"]:
-            checkpointer.close()
-            return state
+        resumed = checkpointer.restore_latest_intact(target, data_iterator)
+        if resumed is not None:
+            step, state, meta = resumed
+            logger.info("[%s] resumed from step %d%s.", stage.name, step, " (finished)" if meta["finished"] else "")
+            if meta["finished"]:
+                return state
+        return _run_steps(config, stage, workdir, mesh, state, abstract, shardings, data_iterator,
+                          checkpointer, step_factory, writer, profiler or profiling.NoProfile(), stop)
 
+
+def _run_steps(config, stage, workdir, mesh, state, abstract, shardings, data_iterator, checkpointer,
+               step_factory, writer, profiler, stop) -> TrainState:
+    """The step loop of `train_stage` from `state.step` to the end of the stage."""
     step_fn = step_factory(config, stage, mesh, abstract, shardings)
     first = int(state.step)
-    progress = ProgressLog(workdir, stage, first, writer)
-    profiler = profiler or profiling.NoProfile()
+    progress = ProgressLog(workdir, stage, writer)
+    unchecked: tuple[int, dict] | None = None  # the previous step's metrics, still on the device
     for step in range(first + 1, stage.steps + 1):
         profiler.step(step, ready=state)
         batch = parallel.global_batch(next(data_iterator), mesh)
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
             state, metrics = step_fn(state, batch)
+        if unchecked is not None:
+            check_metrics_finite(stage, *unchecked)
         last = step == stage.steps
-        if step % config.log_every == 0 or last:
-            progress.write(step, jax.device_get(metrics), step_fn.metric_order)
-        if step % config.checkpoint.every == 0 or last:
+        stopping = stop is not None and stop.should_stop(step)
+        save = step % config.checkpoint.every == 0 or last or stopping
+        unchecked = (step, metrics)
+        if save or step % config.log_every == 0 or step == first + 1:
+            scalars = check_metrics_finite(stage, step, metrics)
+            unchecked = None
+            if step == first + 1:
+                progress.compiled(step)
+            if step % config.log_every == 0 or last:
+                progress.write(step, scalars, step_fn.metric_order)
+        if save:
+            check_state_finite(stage, step, state)
             checkpointer.save(step, state, data_iterator, stage_meta(config, stage, state, finished=last))
-    checkpointer.wait()
-    checkpointer.close()
+        if stopping and not last:
+            checkpointer.wait()
+            raise stop.stopped(f"at step {step} of stage {stage.name!r} (checkpoint {step} saved)")
     return state

@@ -65,6 +65,10 @@ def group_labels(params: dict, groups: Sequence[tuple[str, str]]) -> dict:
     return traverse_util.unflatten_dict(labels, sep="/")
 
 
+OPTIMIZERS = ("adam", "adamw")
+SCHEDULES = ("constant", "warmup_cosine")
+
+
 def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
     """Constant (reference) or warmup + cosine decay, from `optim.schedule`."""
     if optim.schedule == "constant":

@@ -55,6 +55,7 @@ from unialign_jax.nn.transformer import (
     mean_pool,
 )
 from unialign_jax.nn.tokenizers import ImageTokenizer
+from unialign_jax.errors import UserError
 
 PathLike = str | os.PathLike
 StateDict = Mapping[str, np.ndarray]
@@ -74,7 +75,7 @@ _MINILM_HELP = (
 )
 
 
-class WeightImportError(ValueError):
+class WeightImportError(UserError, ValueError):
     """A state dict does not fit the target parameter tree (or a weights file cannot be read)."""
 
 

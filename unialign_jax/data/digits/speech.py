@@ -27,6 +27,8 @@ import warnings
 import numpy as np
 import scipy.io.wavfile
 
+from unialign_jax.errors import UserError
+
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 FSDD_TEST_INDICES = range(0, 5)  # official FSDD split: indices 0-4 test, 5-49 train
 FSDD_DIR_ENV = "UNIALIGN_FSDD_DIR"
@@ -40,7 +42,7 @@ ESPEAK_RATES = (140, 175, 210)  # words per minute
 ESPEAK_PITCHES = (35, 50, 65)  # 0-100, espeak-ng's default is 50
 
 
-class AudioInputError(ValueError):
+class AudioInputError(UserError, ValueError):
     """A recording (or the folder holding them) is missing or malformed; the message names the file."""
 
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from unialign_jax.data.pipeline import MODALITIES
+from unialign_jax.errors import UserError
 
 LABEL, ID, STEP_LABELS = "label", "id", "step_labels"
 LABELS_CSV = "labels.csv"
@@ -28,7 +29,7 @@ _SHOWN_INDICES = 5  # examples listed per problem
 _SHOWN_PROBLEMS = 30  # problems listed in one error
 
 
-class FeatureInputError(ValueError):
+class FeatureInputError(UserError, ValueError):
     """The inputs cannot be converted; the message lists every problem with its file and example."""
 
 
