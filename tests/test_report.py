@@ -214,3 +214,25 @@ def test_plot_accuracy_matrix_writes_png(tmp_path):
     assert pixels.ndim == 3 and pixels.shape[2] in (3, 4)
     with pytest.raises(ValueError, match="no classification/X->Y metrics"):
         report.plot_accuracy_matrix(tmp_path / "x.png", [{"name": "s", "modalities": ["a"], "metrics": {}}])
+
+
+def test_report_adds_the_unseen_pairs_of_earlier_stages(tmp_path):
+    # The paper's "Second Stage" columns: video<->audio after audio-text, before image-text.
+    stages = [
+        {"name": "vt", "modalities": ["video", "text"], "metrics": {"classification/video->text": 0.9}},
+        {"name": "at", "modalities": ["audio", "text"], "metrics": {
+            "classification/video->text": 0.8, "classification/video->audio": 0.3,
+            "classification/audio->video": 0.2}},
+        {"name": "it", "modalities": ["image", "text"], "metrics": {
+            "classification/video->audio": 0.1, "classification/image->text": 0.7}},
+    ]
+    scores = report.final_stage_scores({"stages": stages})
+    assert scores["unseen@2"] == pytest.approx(0.25) and "unseen@1" not in scores
+    assert scores["unseen"] == pytest.approx(0.1) and scores["seen"] == pytest.approx(0.7)
+    (tmp_path / "a" / "results").mkdir(parents=True)
+    (tmp_path / "a" / "results" / "summary.json").write_text(json.dumps({"stages": stages}))
+    (tmp_path / "a" / "config.json").write_text(json.dumps({"seed": 3}))
+    table = report.compare_runs({"comet": [tmp_path / "a"]})
+    header = table.splitlines()[0]
+    assert "| unseen pairs % | unseen after stage 2 % | unseen, aligned classes % |" in header
+    assert "| 10.0           | 25.0                   | -" in table.splitlines()[2]

@@ -411,14 +411,14 @@ def final_stage_scores(summary: Mapping[str, object]) -> dict[str, float]:
     unseen / seen: mean classification accuracy over the pairs never / once trained together;
     unseen_aligned: the same on their aligned classes; ACC: the mean over every pair; BWT: the mean
     forgetting of the classification pairs scored before the last stage (= `continual/BWT`); FWT:
-    `continual/FWT` (`eval.continual`). Summaries written before these metrics existed give NaN for
-    the aligned and FWT numbers; `python -m unialign_jax.evaluate` recomputes them.
+    `continual/FWT` (`eval.continual`); 'unseen@s': the unseen pairs' mean after an earlier stage s
+    (1-based) that scored some (after stage 2 of 3: the paper's "Second Stage" columns). Summaries
+    written before these metrics existed give NaN for the aligned and FWT numbers;
+    `python -m unialign_jax.evaluate` recomputes them.
     """
     stages = summary["stages"]
     last = stages[-1]["metrics"]
-    pairs = [key.split("/", 1)[1] for key in last if key.startswith("classification/")]
-    modalities = list(dict.fromkeys(m for pair in pairs for m in pair.split("->")))
-    status = pair_status(modalities, [s["modalities"] for s in stages])
+    status = _pair_status_of(stages)
     groups: dict[str, list[float]] = {"unseen": [], "seen": [], "unseen_aligned": [], "ACC": [], "BWT": []}
     for key, value in last.items():
         if value is None:
@@ -432,7 +432,29 @@ def final_stage_scores(summary: Mapping[str, object]) -> dict[str, float]:
             groups["BWT"].append(float(value))
     scores = {name: float(np.mean(values)) if values else math.nan for name, values in groups.items()}
     scores["FWT"] = float(last.get("continual/FWT", math.nan))
+    for index in range(len(stages) - 1):
+        earlier = _pair_status_of(stages[: index + 1])
+        unseen = [float(value) for key, value in stages[index]["metrics"].items()
+                  if key.startswith("classification/") and earlier[key.split("/", 1)[1]] == "unseen"]
+        if unseen:
+            scores[f"unseen@{index + 1}"] = float(np.mean(unseen))
     return scores
+
+
+def _pair_status_of(stages: Sequence[Mapping[str, object]]) -> dict[str, str]:
+    """`pair_status` of the classification pairs of the last of `stages`, given all their modalities."""
+    pairs = [key.split("/", 1)[1] for key in stages[-1]["metrics"] if key.startswith("classification/")]
+    modalities = list(dict.fromkeys(m for pair in pairs for m in pair.split("->")))
+    return pair_status(modalities, [s["modalities"] for s in stages])
+
+
+def _headline(found: Mapping[str, Sequence[tuple[int, Mapping[str, float]]]]) -> list[tuple[str, str]]:
+    """(score key, column) of the comparison: `_HEADLINE`, with 'unseen after stage s %' after the
+    unseen column for every earlier stage some run scored unseen pairs at."""
+    stages = sorted({int(key[len("unseen@"):]) for runs in found.values() for _, scores in runs
+                     for key in scores if key.startswith("unseen@")})
+    earlier = [(f"unseen@{s}", f"unseen after stage {s} %") for s in stages]
+    return [_HEADLINE[0], *earlier, *_HEADLINE[1:]]
 
 
 def _read_runs(runs: Mapping[str, Sequence[epath.PathLike]]) -> dict[str, list[tuple[int, dict[str, float]]]]:
@@ -479,13 +501,14 @@ def compare_runs(runs: Mapping[str, Sequence[epath.PathLike]],
         if unknown:
             raise ValueError(f"paired comparison {pair}: unknown label(s) {unknown}; labels: {list(runs)}")
     found = _read_runs(runs)
+    headline = _headline(found)
     rows = []
     for label, scored in found.items():
         row: dict[str, object] = {"method": label, "runs": len(scored)}
-        for name, column in _HEADLINE:
-            row[column] = _interval_cell([100.0 * scores[name] for _, scores in scored])
+        for name, column in headline:
+            row[column] = _interval_cell([100.0 * scores.get(name, math.nan) for _, scores in scored])
         rows.append(row)
-    lines = [format_table(rows, ["method", "runs", *(column for _, column in _HEADLINE)], markdown=True), "",
+    lines = [format_table(rows, ["method", "runs", *(column for _, column in headline)], markdown=True), "",
              ("± is the half-width of the 95% confidence interval of the mean (Student t, n - 1 degrees of "
               "freedom, over seeds).")]
     few = [f"{label} ({len(scored)})" for label, scored in found.items() if len(scored) < MIN_SEEDS]
@@ -493,17 +516,19 @@ def compare_runs(runs: Mapping[str, Sequence[epath.PathLike]],
         lines.append(f"Warning: fewer than {MIN_SEEDS} seeds for {', '.join(few)}: the intervals are wide "
                      "and rest on the normality of the seed-to-seed spread.")
     for first, second in paired:
-        lines += ["", paired_differences(first, found[first], second, found[second])]
+        lines += ["", paired_differences(first, found[first], second, found[second], headline)]
     return "\n".join(lines)
 
 
 def paired_differences(first: str, first_runs: Sequence[tuple[int, Mapping[str, float]]],
-                       second: str, second_runs: Sequence[tuple[int, Mapping[str, float]]]) -> str:
+                       second: str, second_runs: Sequence[tuple[int, Mapping[str, float]]],
+                       headline: Sequence[tuple[str, str]] = _HEADLINE) -> str:
     """Markdown table of the per-seed differences first - second of each headline score, their mean
     and paired 95% t interval, and whether the gap is resolved (the interval excludes 0) or noise.
 
-    *_runs: [(seed, final_stage_scores)]. The runs are paired by seed; the two labels must hold the
-    same seeds (ValueError listing the unmatched ones otherwise).
+    *_runs: [(seed, final_stage_scores)]; headline: the (score key, column) pairs to compare. The
+    runs are paired by seed; the two labels must hold the same seeds (ValueError listing the
+    unmatched ones otherwise).
     """
     by_seed = {seed: scores for seed, scores in first_runs}, {seed: scores for seed, scores in second_runs}
     if set(by_seed[0]) != set(by_seed[1]):
@@ -511,8 +536,9 @@ def paired_differences(first: str, first_runs: Sequence[tuple[int, Mapping[str, 
                          f"{first} has {sorted(by_seed[0], key=str)}, {second} has {sorted(by_seed[1], key=str)}")
     seeds = sorted(by_seed[0], key=str)
     rows = []
-    for name, column in _HEADLINE:
-        differences = [100.0 * (by_seed[0][seed][name] - by_seed[1][seed][name]) for seed in seeds]
+    for name, column in headline:
+        differences = [100.0 * (by_seed[0][seed].get(name, math.nan) - by_seed[1][seed].get(name, math.nan))
+                       for seed in seeds]
         row: dict[str, object] = {"score": column.removesuffix(" %").removesuffix(" (pp)") + " (pp)",
                                   "per seed": ", ".join(f"{d:+.1f}" if math.isfinite(d) else _MISSING
                                                         for d in differences)}
