@@ -152,8 +152,8 @@ def test_final_stage_scores_of_one_run(tmp_path):
 
 
 def test_compare_runs_mean_and_t_interval_over_seeds(tmp_path):
-    table = report.compare_runs({"comet": [_run(tmp_path, "a", 0, 0.3, 0.6, -0.1), _run(tmp_path, "b", 1, 0.5, 0.8, -0.3)],
-                                 "one": [_run(tmp_path, "c", 0, 0.2, 0.5, 0.0, aligned=0.4)]})
+    comet = [_run(tmp_path, "a", 0, 0.3, 0.6, -0.1), _run(tmp_path, "b", 1, 0.5, 0.8, -0.3)]
+    table = report.compare_runs({"comet": comet, "one": [_run(tmp_path, "c", 0, 0.2, 0.5, 0.0, aligned=0.4)]})
     lines = table.splitlines()
     # Two seeds: s = 14.142 pp, half-width t_{0.975,1} * s / sqrt(2) = 12.706 * 10 = 127.1 pp.
     assert lines[2].startswith("| comet  |    2 | 40.0 ± 127.1   | -")

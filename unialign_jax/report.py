@@ -1,11 +1,13 @@
 """Results tables (console, markdown, JSON) and plots.
 
-`write_summary` writes `summary.json` ({"stages": [{"name", "modalities", "metrics"}]}, metrics as
-produced by `unialign_jax.eval`, rates as fractions in [0, 1]) and `summary.md` (per stage: a table
-of modality pairs marked seen/unseen, then codebook, routing, forgetting and any other metrics; rates
-printed as percentages). Every file is written to a temporary file beside it and renamed into place,
-so a crash never leaves a half-written result; only process 0 writes, and `gs://` paths work
-(`unialign_jax.files`).
+`write_summary` writes `summary.json` ({"stages": [{"name", "modalities", "metrics"}]} and the
+accuracy matrix, metrics as produced by `unialign_jax.eval`, rates as fractions in [0, 1]) and
+`summary.md` (per stage: a table of modality pairs marked seen/unseen, then codebook, routing,
+continual scores, forgetting and any other metrics; then the accuracy matrix; rates printed as
+percentages). `compare_runs` (`python -m unialign_jax.report`) compares methods over seeds with
+t intervals and paired differences (`eval.statistics`). Every file is written to a temporary file
+beside it and renamed into place, so a crash never leaves a half-written result; only process 0
+writes, and `gs://` paths work (`unialign_jax.files`).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ _PAIR_COLUMNS = (
     (re.compile(rf"^below_chance/{_PAIR}$"), "below chance", None),
 )
 _ALWAYS_SHOWN = ("classification %", "localisation F1 %")
-_RATE_PREFIXES = ("classification/", "aligned/", "localisation/", "retrieval/", "routing/")
+_RATE_PREFIXES = ("classification/", "localisation/", "retrieval/", "routing/")
 _MISSING = "-"
 
 
@@ -286,8 +288,9 @@ def write_summary(results_dir: epath.PathLike, stages: Sequence[Mapping[str, obj
     {key: number}}], oldest first. A pair is marked 'seen' in stage i when both its modalities were
     trained together in some stage <= i. The JSON is {"stages": [{"name", "modalities", "metrics"}]},
     plus "accuracy_matrix" (`accuracy_matrices`) when a stage has classification scores; a
-    non-finite metric is refused (ValueError naming it). `markdown` is the method's `summary.md` (default: `stages_markdown`). Everything is
-    validated and rendered before anything is written. Returns (json path, md path).
+    non-finite metric is refused (ValueError naming it). `markdown` is the method's `summary.md`
+    (default: `stages_markdown`). Everything is validated and rendered before anything is written.
+    Returns (json path, md path).
     """
     normalised = [_normalise_stage(i, stage) for i, stage in enumerate(stages)]
     content: dict[str, object] = {"stages": normalised}
