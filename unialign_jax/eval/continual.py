@@ -22,7 +22,8 @@ The baseline b is chance, 1/C for a head over C classes, not a measured accuracy
 initialisation: no initialised model holds the modules of every pair (see above), and for a
 cross-modal pair two untrained encoders share nothing, so the head's prediction for a Y example is
 independent of its label, which gives an expected accuracy of exactly 1/C on a class-balanced test
-split (and Σ_c q_c π_c in general, for prediction rates q and class frequencies π).
+split (and Σ_c q_c π_c in general, for prediction rates q and class frequencies π). The aligned-class
+scores use the same b: their head still predicts over all C classes.
 """
 
 from __future__ import annotations
