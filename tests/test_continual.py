@@ -1,10 +1,13 @@
-"""COMET stage transitions: growth, frozen modules, Fisher/EWC carry, PMR teacher, resume across stages.
+"""COMET stage transitions: growth, frozen modules, Fisher/EWC carry, PMR teacher, resume across stages;
+the continual-learning evaluation (aligned classes, code sharing, ACC/BWT/FWT, re-evaluation).
 
 One uninterrupted two-stage run (module fixture) serves every test; the resume test copies its
 workdir, removes the last checkpoint of stage 2 and re-runs from there.
 """
 
+import json
 import os
+import pathlib
 import shutil
 
 import jax
@@ -13,13 +16,16 @@ import pytest
 from flax import traverse_util
 
 from unialign_jax import checkpoint as ckpt_lib
+from unialign_jax import evaluate
 from unialign_jax import optim
 from unialign_jax import parallel
+from unialign_jax import report
 from unialign_jax import train
 from unialign_jax import loop
 from unialign_jax.methods.cmg import config as cmg_config
 from unialign_jax.losses import continual as continual_losses
 from unialign_jax.methods.cmg import continual
+from unialign_jax.methods.cmg import evaluate as cmg_evaluate
 from unialign_jax.methods.cmg import model as cmg_model
 from unialign_jax.methods.cmg import step as cmg_step
 
@@ -127,3 +133,57 @@ def test_fisher_measures_this_stage_loss_without_the_earlier_ewc_penalty(finishe
                                        patterns)
     for a, b in zip(jax.tree.leaves(with_carry), jax.tree.leaves(without)):
         np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The continual-learning evaluation of the finished run.
+
+
+def test_trained_classes_are_the_labels_of_each_modalitys_training_splits(finished_run):
+    config, _, _ = finished_run
+    first, second = loop.stage_specs(config)
+    assert cmg_evaluate.trained_classes([first]) == {"audio": (0, 1, 2, 3, 4, 5), "text": (0, 1, 2, 3, 4, 5)}
+    assert cmg_evaluate.trained_classes([first, second]) == {
+        "audio": (0, 1, 2, 3, 4, 5), "text": tuple(range(9)), "image": (3, 4, 5, 6, 7, 8)}
+
+
+def test_each_stage_reports_aligned_scores_sharing_flags_and_continual_scores(finished_run):
+    _, workdir, results = finished_run
+    first, second = (result["metrics"] for result in results)
+    assert first["chance/classification"] == pytest.approx(0.1)  # the evaluation data has 10 classes
+    pairs_1 = ["audio->text", "text->audio"]
+    pairs_2 = [f"{x}->{y}" for x in ("audio", "text", "image") for y in ("audio", "text", "image") if x != y]
+    for metrics, pairs in ((first, pairs_1), (second, pairs_2)):
+        for pair in pairs:
+            assert 0 <= metrics[f"aligned/classification/{pair}"] <= 1
+            assert 0 <= metrics[f"code_sharing/{pair}"] <= 1
+            assert metrics[f"below_chance/{pair}"] == int(metrics[f"classification/{pair}"] < 0.1)
+    # The unseen pairs after stage 2 (audio<->image) are scored at stage 2, their aligned classes 3-5.
+    assert {"classification/audio->image", "classification/image->audio"} <= set(second)
+    assert second["continual/ACC"] == pytest.approx(np.mean([second[f"classification/{p}"] for p in pairs_2]))
+    assert second["continual/BWT"] == pytest.approx(
+        np.mean([second[f"forgetting/classification/{p}"] for p in pairs_1]))
+    assert second["continual/FWT"] == pytest.approx(
+        np.mean([second[f"classification/{p}"] for p in ("audio->image", "image->audio")]) - 0.1)
+    assert "continual/BWT" not in first and "continual/FWT" not in first  # nothing earlier, nothing unseen
+
+    results_dir = pathlib.Path(workdir) / "results"
+    summary = json.loads((results_dir / "summary.json").read_text())
+    matrix = summary["accuracy_matrix"]["all_classes"]
+    assert matrix["pairs"][:2] == pairs_1 and len(matrix["pairs"]) == 6
+    assert matrix["rows"][0][2:] == [None] * 4
+    assert matrix["rows"][1] == [second[f"classification/{p}"] for p in matrix["pairs"]]
+    assert report.read_png(results_dir / "accuracy_matrix.png").ndim == 3
+    markdown = (results_dir / "summary.md").read_text()
+    assert "## Accuracy matrix" in markdown and "Continual (classification): ACC" in markdown
+
+
+def test_reevaluation_from_checkpoints_reproduces_the_results(finished_run, tmp_path):
+    _, workdir, results = finished_run
+    copy = str(tmp_path / "copy")
+    shutil.copytree(workdir, copy)
+    os.remove(os.path.join(copy, "results", "accuracy_matrix.png"))
+    again = evaluate.evaluate_workdir(copy)
+    for before, after in zip(results, again):
+        assert after["metrics"] == pytest.approx(before["metrics"])
+    assert os.path.exists(os.path.join(copy, "results", "accuracy_matrix.png"))

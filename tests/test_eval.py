@@ -221,3 +221,135 @@ def test_forgetting_arithmetic():
     )
     with pytest.raises(ValueError, match="missing from the metrics of stage 0"):
         ev.forgetting(history, {"classification/audio->text": 0})
+
+
+def _three_stage_history():
+    """Hand-made scores of video-text, then audio-text, then image-text (text mediating)."""
+    return [
+        {"classification/video->text": 0.8, "classification/text->video": 0.6, "retrieval/video->text/R@1": 0.5},
+        {"classification/video->text": 0.7, "classification/text->video": 0.5, "classification/video->audio": 0.3,
+         "classification/audio->video": 0.2, "classification/audio->text": 0.9, "classification/text->audio": 0.7},
+        {"classification/video->text": 0.6, "classification/text->video": 0.5, "classification/video->audio": 0.25,
+         "classification/audio->video": 0.3, "classification/audio->text": 0.8, "classification/text->audio": 0.7,
+         "classification/image->text": 0.9, "classification/audio->image": 0.15},
+    ]
+
+
+_TRAINED = [("video", "text"), ("audio", "text"), ("image", "text")]
+
+
+def test_accuracy_matrix_orders_pairs_by_first_stage_and_leaves_gaps():
+    pairs, matrix = ev.accuracy_matrix(_three_stage_history())
+    assert pairs == ["video->text", "text->video", "video->audio", "audio->video", "audio->text", "text->audio",
+                     "image->text", "audio->image"]  # retrieval/video->text/R@1 is not a classification pair
+    nan = np.nan
+    np.testing.assert_array_equal(matrix, [[0.8, 0.6, nan, nan, nan, nan, nan, nan],
+                                           [0.7, 0.5, 0.3, 0.2, 0.9, 0.7, nan, nan],
+                                           [0.6, 0.5, 0.25, 0.3, 0.8, 0.7, 0.9, 0.15]])
+
+
+def test_continual_scores_hand_computed():
+    history = _three_stage_history()
+    # After stage 1: ACC = (0.8 + 0.6) / 2; nothing learned earlier (no BWT), no unseen pair (no FWT).
+    assert ev.continual_scores(history[:1], _TRAINED[:1], 0.1) == pytest.approx({"ACC": 0.7})
+    # After stage 2: ACC = 3.3 / 6; BWT over video<->text = (-0.1 - 0.1) / 2; FWT over video<->audio,
+    # unseen when first scored: ((0.3 - 0.1) + (0.2 - 0.1)) / 2.
+    assert ev.continual_scores(history[:2], _TRAINED[:2], 0.1) == pytest.approx(
+        {"ACC": 0.55, "BWT": -0.1, "FWT": 0.15})
+    # After stage 3: ACC = 4.2 / 8; BWT over the six pairs of stages 1-2:
+    # (-0.2 - 0.1 - 0.05 + 0.1 - 0.1 + 0) / 6; FWT adds audio->image at stage 3: (0.2 + 0.1 + 0.05) / 3.
+    scores = ev.continual_scores(history, _TRAINED, 0.1)
+    assert scores == pytest.approx({"ACC": 0.525, "BWT": -0.35 / 6, "FWT": 0.35 / 3})
+    learned_at = {"classification/video->text": 0, "classification/text->video": 0,
+                  **{f"classification/{p}": 1 for p in ("video->audio", "audio->video", "audio->text", "text->audio")}}
+    assert scores["BWT"] == pytest.approx(np.mean(list(ev.forgetting(history, learned_at).values())))
+
+
+def test_continual_scores_forward_transfer_takes_a_pair_when_first_scored_and_unseen():
+    history = [{"classification/video->audio": 0.4}, {"classification/video->audio": 0.9}]
+    # Stage 1 trained video with audio: the pair was trained when first scored, so no FWT.
+    scores = ev.continual_scores(history, [("video", "audio", "text"), ("video", "audio")], 0.25)
+    assert scores == pytest.approx({"ACC": 0.9, "BWT": 0.5})
+    # Unseen at stage 1 and trained at stage 2: FWT from stage 1 (0.4 - 0.25), its later gain in BWT.
+    scores = ev.continual_scores(history, [("video", "text"), ("video", "audio")], 0.25)
+    assert scores == pytest.approx({"ACC": 0.9, "BWT": 0.5, "FWT": 0.15})
+    with pytest.raises(ValueError, match="2 stages of metrics but 1 lists"):
+        ev.continual_scores(history, [("video", "text")], 0.25)
+    with pytest.raises(ValueError, match=r"chance must lie in \(0, 1\)"):
+        ev.continual_scores(history, _TRAINED[:2], 1.0)
+
+
+def test_aligned_classes_and_below_chance_flags():
+    trained = {"video": (0, 1, 2, 3, 4, 5), "audio": (2, 3, 4, 5, 6, 7), "text": tuple(range(8))}
+    assert ev.aligned_classes(trained, "video", "audio") == (2, 3, 4, 5)
+    assert ev.aligned_classes(trained, "text", "video") == (0, 1, 2, 3, 4, 5)
+    with pytest.raises(ValueError, match="no trained classes given for modality 'image'"):
+        ev.aligned_classes(trained, "image", "text")
+    scores = {"classification/a->b": 0.05, "classification/b->a": 0.1, "aligned/classification/a->b": 0.01,
+              "retrieval/a->b/R@1": 0.0}
+    assert ev.below_chance(scores, 0.1) == {"below_chance/a->b": 1, "below_chance/b->a": 0}
+
+
+def test_code_sharing_hand_computed():
+    # video tokens 0 0 1 2 0 1, audio 1 2 3, text 2 2 4 (`_hand_codes`).
+    pairs = [("video", "audio"), ("audio", "video"), ("video", "text"), ("text", "video"), ("audio", "text")]
+    assert ev.code_sharing(_hand_codes(), pairs) == pytest.approx({
+        "code_sharing/video->audio": 3 / 6,  # the tokens of codes 1, 2
+        "code_sharing/audio->video": 2 / 3,  # codes 1, 2 (not 3)
+        "code_sharing/video->text": 1 / 6,  # code 2
+        "code_sharing/text->video": 2 / 3,  # 2, 2 (not 4)
+        "code_sharing/audio->text": 1 / 3,  # code 2
+    })
+    with pytest.raises(ValueError, match="no codes given for modality 'image'"):
+        ev.code_sharing(_hand_codes(), [("video", "image")])
+
+
+def test_aligned_class_accuracy_scores_only_the_aligned_test_examples():
+    # Audio carries the class structure of video for classes 0 and 1 only; classes 2 and 3 are noise.
+    rng = np.random.default_rng(2)
+    prototypes = 3 * rng.normal(size=(4, 12))
+    train = _split(rng, prototypes, 300, 3, noise=0.3)
+    test = _split(rng, prototypes, 200, 3, noise=0.3)
+    labels = test["audio"].labels
+    noisy = np.isin(labels, (2, 3))
+    audio = test["audio"].features.copy()
+    audio[noisy] = rng.normal(size=audio[noisy].shape)
+    test = {**test, "audio": ev.LabelledFeatures(audio, labels, test["audio"].step_labels)}
+    config = ev.HeadTrainConfig(steps=120, batch_size=32, hidden_dim=24, eval_batch_size=128)
+    scores = ev.cross_modal_scores(train, test, modalities=("video", "audio"), pairs=[("video", "audio")],
+                                   aligned_classes={"video->audio": (0, 1)}, config=config)
+    assert scores["aligned/classification/video->audio"] > 0.9
+    assert scores["classification/video->audio"] < 0.8
+    other = ev.cross_modal_scores(train, test, modalities=("video", "audio"), pairs=[("video", "audio")],
+                                  aligned_classes={"video->audio": (2, 3)}, config=config)
+    assert other["aligned/classification/video->audio"] < 0.6
+    absent = ev.cross_modal_scores(train, test, modalities=("video", "audio"), pairs=[("video", "audio")],
+                                   aligned_classes={"video->audio": (7,)}, config=config)
+    assert "aligned/classification/video->audio" not in absent  # no test example of class 7
+
+
+# ---------------------------------------------------------------------------------------------------
+# Statistics over seeds.
+
+
+def test_t_quantile_matches_tables():
+    from unialign_jax.eval import statistics
+
+    for probability, dof, expected in ((0.975, 4, 2.776), (0.975, 1, 12.706), (0.975, 2, 4.303),
+                                       (0.975, 9, 2.262), (0.95, 10, 1.812)):
+        assert statistics.t_quantile(probability, dof) == pytest.approx(expected, abs=5e-4)
+    with pytest.raises(ValueError, match="degrees_of_freedom must be >= 1"):
+        statistics.t_quantile(0.975, 0)
+
+
+def test_mean_interval_hand_computed():
+    from unialign_jax.eval import statistics
+
+    # mean 3, s = sqrt(2.5), half-width = 2.7764 * 1.5811 / sqrt(5) = 1.9632.
+    interval = statistics.mean_interval([1, 2, 3, 4, 5])
+    assert (interval.mean, interval.low, interval.high, interval.n) == pytest.approx((3, 1.0368, 4.9632, 5), abs=1e-4)
+    assert interval.resolved and not statistics.mean_interval([-1, 1, 2]).resolved
+    single = statistics.mean_interval([0.5])
+    assert single.mean == 0.5 and math.isnan(single.low) and not single.resolved
+    with pytest.raises(ValueError, match="needs finite values"):
+        statistics.mean_interval([1.0, float("nan")])

@@ -83,3 +83,24 @@ def routing_load(router_probs: Mapping[str, np.ndarray], modalities: Sequence[st
         load = probs.reshape(-1, probs.shape[-1]).mean(axis=0)
         metrics.update({f"routing/{modality}/expert_{j}": float(v) for j, v in enumerate(load)})
     return metrics
+
+
+def code_sharing(codes: Mapping[str, np.ndarray], pairs: Sequence[tuple[str, str]]) -> dict[str, float]:
+    """Per ordered pair X->Y, the fraction of X's tokens whose code Y also selects (at least once).
+
+    codes: {modality: int[...] code indices of the same evaluated examples}. For X->Y it is
+    |{tokens t of X : code(t) in codes(Y)}| / |tokens of X|, in [0, 1]: 0 means a head trained on X's
+    codes never sees a code of Y, so nothing can transfer through the codebook. Not symmetric.
+    Returns {'code_sharing/X->Y': fraction}.
+    """
+    metrics = {}
+    for source, target in pairs:
+        for modality in (source, target):
+            if modality not in codes:
+                raise ValueError(f"no codes given for modality {modality!r} (have {sorted(codes)})")
+        source_codes = np.asarray(codes[source]).reshape(-1)
+        if source_codes.size == 0:
+            raise ValueError(f"code sharing {source}->{target}: {source} has no tokens")
+        shared = np.isin(source_codes, np.asarray(codes[target]).reshape(-1))
+        metrics[f"code_sharing/{source}->{target}"] = float(np.mean(shared))
+    return metrics

@@ -106,6 +106,7 @@ def cross_modal_scores(
     pairs: Sequence[tuple[str, str]] | None = None,
     num_classes: int | None = None,
     num_step_classes: int | None = None,
+    aligned_classes: Mapping[str, Sequence[int]] | None = None,
     config: heads.HeadTrainConfig = heads.HeadTrainConfig(),
 ) -> dict[str, float]:
     """Trains heads on each source modality's `train` split and scores them on each target's `test` split.
@@ -117,11 +118,15 @@ def cross_modal_scores(
       pairs: ordered (source, target) pairs to score.
       num_classes / num_step_classes: head output sizes; default 1 + the largest label seen in the
         train and test arrays involved.
+      aligned_classes: {'X->Y': class ids} (e.g. the classes both X and Y were trained on): the same
+        head's accuracy on the test examples of Y whose label is one of them (the prediction is
+        still the argmax over all classes).
       config: head training settings (`heads.HeadTrainConfig`).
 
     Returns:
       {'classification/X->Y': accuracy, 'localisation/X->Y': macro-F1} in [0, 1] for every pair; the
-      localisation entry only when both train[X] and test[Y] carry `step_labels`.
+      localisation entry only when both train[X] and test[Y] carry `step_labels`;
+      'aligned/classification/X->Y' for the pairs of `aligned_classes` with a test example in them.
 
     One classification head (and one localisation head) is trained per source modality and reused
     for all its targets; sources with equal shapes share one compiled training function.
@@ -163,8 +168,13 @@ def cross_modal_scores(
             classifier_params[source], _ = heads.train_head(
                 classifier, train[source].features, train[source].labels, config
             )
-        logits = heads.predict(classifier, classifier_params[source], test[target].features, config)
-        scores[f"classification/{name}"] = classification_accuracy(logits.argmax(-1), test[target].labels)
+        predictions = heads.predict(classifier, classifier_params[source], test[target].features, config).argmax(-1)
+        scores[f"classification/{name}"] = classification_accuracy(predictions, test[target].labels)
+        if aligned_classes is not None and name in aligned_classes:
+            chosen = np.isin(test[target].labels, np.asarray(aligned_classes[name], int))
+            if chosen.any():
+                scores[f"aligned/classification/{name}"] = classification_accuracy(
+                    predictions[chosen], test[target].labels[chosen])
         if (source, target) in localised:
             if source not in localiser_params:
                 localiser_params[source], _ = heads.train_head(

@@ -1,5 +1,5 @@
 """Evaluation of a trained CMG/COMET stage: cross-modal generalization, retrieval, codebook usage,
-forgetting.
+forgetting and the continual-learning scores.
 
 Protocol (DESIGN §8): the encoder is frozen; each modality is encoded into its quantized code
 vectors by the encode-only path (`CMGModel.encode_with_routing`: no decoders, no dropout, codebook
@@ -9,6 +9,14 @@ and per-step localisation macro-F1. Retrieval R@1/5/10 between every pair on the
 (instance pairs, since every example renders one event sequence in all modalities). A pair is
 'seen' when some stage trained the two modalities together, else 'unseen'. Forgetting is each
 earlier pair's score now minus its score right after the stage that first evaluated it.
+
+Beside each classification score: the same head's accuracy on the test examples of the pair's
+aligned classes (the labels of the training splits of every stage so far that trained X, intersected
+with those of Y; with stage classes 0-5, 2-7, 4-9 video and audio share only 2-5), the fraction of
+X's test tokens whose code Y also selects (`code_sharing/X->Y`), and a flag for scores below chance
+(1/C for C classes, `chance/classification`). From the stages so far: ACC, BWT and FWT of the
+all-class and aligned-class scores (`continual/...`, `continual/aligned/...`; definitions in
+`unialign_jax.eval.continual`), and the heat map of the accuracy matrix (`results/accuracy_matrix.png`).
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from unialign_jax import eval as eval_lib
 from unialign_jax import optim
 from unialign_jax import report
 from unialign_jax.data import pipeline
-from unialign_jax.loop import StageSpec, TrainState
+from unialign_jax.loop import StageSpec, TrainState, stage_specs
 from unialign_jax.methods.cmg import model as model_lib
 from unialign_jax.nn.cmg import CMGModel
 
@@ -59,6 +67,17 @@ def encode_split(model, variables: dict, data: dict, modalities, batch_size: int
     return codes, vectors, routing
 
 
+def trained_classes(stages: list[StageSpec]) -> dict[str, tuple[int, ...]]:
+    """{modality: the sorted labels of the train splits of the `stages` that trained it}."""
+    classes: dict[str, set[int]] = {}
+    for stage in stages:
+        source = pipeline.build_source(stage.data, "train")
+        labels = {int(example["label"]) for example in source.__getitems__(range(len(source)))}
+        for modality in stage.modalities:
+            classes.setdefault(modality, set()).update(labels)
+    return {modality: tuple(sorted(labels)) for modality, labels in classes.items()}
+
+
 def evaluate_stage(config: ml_collections.ConfigDict, stage: StageSpec, state: TrainState,
                    workdir: str, history: list[dict]) -> dict:
     """Scores every pair of the modalities learned up to `stage` (and the forgetting since `history`,
@@ -83,13 +102,20 @@ def evaluate_stage(config: ml_collections.ConfigDict, stage: StageSpec, state: T
 
     head_config = eval_lib.HeadTrainConfig(learning_rate=config.eval.head_learning_rate, steps=config.eval.head_steps,
                                            batch_size=config.eval.head_batch_size, seed=config.seed)
+    classes = trained_classes(stage_specs(config)[: stage.index + 1])
+    aligned = {eval_lib.pair_name(x, y): eval_lib.aligned_classes(classes, x, y)
+               for x, y in eval_lib.ordered_pairs(modalities)}
     metrics = eval_lib.cross_modal_scores(labelled("train"), labelled("test"), modalities=modalities,
-                                          config=head_config)
+                                          aligned_classes=aligned, config=head_config)
+    chance = 1.0 / (1 + max(int(np.max(splits[split][0]["label"])) for split in splits))
+    metrics["chance/classification"] = chance
+    metrics.update(eval_lib.below_chance(metrics, chance))
     test_data, test_codes, test_vectors, test_routing = splits["test"]
     metrics.update(eval_lib.retrieval_scores(
         test_vectors, {m: test_data["label"] for m in modalities}, modalities=modalities, paired=config.eval.paired))
     active = int(state.quantizer["quantizer"]["active_count"])
     metrics.update(eval_lib.codebook_usage(test_codes, active, modalities))
+    metrics.update(eval_lib.code_sharing(test_codes, eval_lib.ordered_pairs(modalities)))
     if test_routing:
         metrics.update(eval_lib.routing_load(test_routing, modalities))
 
@@ -99,11 +125,17 @@ def evaluate_stage(config: ml_collections.ConfigDict, stage: StageSpec, state: T
         for key in earlier["metrics"]:
             if key.split("/")[0] in ("classification", "localisation", "retrieval"):
                 learned_at.setdefault(key, index)
-    result["metrics"].update(eval_lib.forgetting([s["metrics"] for s in [*history, result]], learned_at))
+    stages = [*history, result]
+    result["metrics"].update(eval_lib.forgetting([s["metrics"] for s in stages], learned_at))
+    for prefix, key in (("classification/", "continual/"), ("aligned/classification/", "continual/aligned/")):
+        scores = eval_lib.continual_scores([s["metrics"] for s in stages], [s["modalities"] for s in stages],
+                                           chance, prefix)
+        result["metrics"].update({key + name: value for name, value in scores.items()})
 
     results_dir = epath.Path(workdir) / "results"
     report.plot_code_usage(results_dir / f"code_usage_{stage.folder}.png",
                            eval_lib.code_usage_counts(test_codes, active, modalities), modalities)
+    report.plot_accuracy_matrix(results_dir / "accuracy_matrix.png", stages)
     return result
 
 
