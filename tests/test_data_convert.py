@@ -101,7 +101,7 @@ def test_cli_converts_without_step_labels_and_refuses_to_overwrite(tmp_path, cap
     assert pipeline.make_builder(config).info.features["label"].names == [f"class {i}" for i in range(5)]
 
     capsys.readouterr()
-    assert convert_cli.main(argv) == 1
+    assert convert_cli.main(argv) == 2
     assert "already exists" in capsys.readouterr().err
     assert convert_cli.main([*argv, "--overwrite"]) == 0
 

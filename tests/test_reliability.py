@@ -209,3 +209,21 @@ def test_sigterm_of_the_cli_exits_0_with_a_message(tmp_path):
     line = next(line for line in stderr.splitlines() if line.startswith("stopped by SIGTERM"))
     step = int(line.split("at step ")[1].split()[0])
     assert os.listdir(workdir / "stage_1_pretrain") == [str(step)]
+
+
+def test_evaluate_refuses_other_data_unless_asked_and_then_writes_beside(tmp_path):
+    from unialign_jax import evaluate
+
+    config = tiny_cmg_config(str(tmp_path / "data"), steps=4)
+    workdir = tmp_path / "run"
+    train.run(config, str(workdir))
+    summary = (workdir / "results" / "summary.json").read_text()
+    pinned = json.loads((workdir / "data.json").read_text())
+    pinned["eval.data"]["parameters"]["noise"] = 0.5  # as if trained on other data
+    (workdir / "data.json").write_text(json.dumps(pinned))
+    with pytest.raises(identity.DataMismatchError, match=r"eval\.data: .*\(noise 0\.5 -> 0\.3\)"):
+        evaluate.evaluate_workdir(str(workdir))
+    evaluate.evaluate_workdir(str(workdir), other_data=True)
+    beside = workdir / "results" / "other_data" / identity.digest(identity.identity(config)) / "summary.json"
+    assert json.loads(beside.read_text())["stages"][0]["name"] == "pretrain"
+    assert (workdir / "results" / "summary.json").read_text() == summary  # the training results stay

@@ -195,7 +195,7 @@ def test_report_cli_prints_the_paired_table(tmp_path, capsys):
     report.main([f"comet={a}", f"w/o PM={b}", "--paired=comet,w/o PM"])
     out = capsys.readouterr().out
     assert "| w/o PM |" in out and "Paired by seed (0): comet - w/o PM" in out and "one seed: no interval" in out
-    with pytest.raises(SystemExit, match="--paired takes two labels"):
+    with pytest.raises(report.ReportError, match="--paired takes two labels"):
         report.main([f"comet={a}", "--paired=comet"])
 
 
@@ -203,7 +203,7 @@ def test_compare_runs_names_every_workdir_without_results_before_reading_any(tmp
     (tmp_path / "done" / "results").mkdir(parents=True)
     (tmp_path / "done" / "results" / "summary.json").write_text(json.dumps({"stages": []}))
     (tmp_path / "done" / "config.json").write_text(json.dumps({"seed": 0}))
-    with pytest.raises(FileNotFoundError, match=r"comet: .*running/results/summary.json; .*running/config.json; "
+    with pytest.raises(report.ReportError, match=r"comet: .*running/results/summary.json; .*running/config.json; "
                                                 r"dcid: .*typo/results"):
         report.compare_runs({"comet": [tmp_path / "done", tmp_path / "running"], "dcid": [tmp_path / "typo"]})
 

@@ -54,9 +54,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from unialign_jax import cli
+from unialign_jax import configlib
 from unialign_jax import loop
 from unialign_jax import methods
 from unialign_jax import parallel
@@ -385,6 +387,12 @@ def profile_components(run, hlo_text: str, steps: int) -> list[tuple[str, float]
 def main(argv):
     del argv
     options = flags.FLAGS
+    methods.for_config(options.config).validate(options.config)
+    stages = len(options.config.stages)
+    if not 0 <= options.stage < stages:
+        raise configlib.ConfigError(f"--stage={options.stage}: the config has {stages} stage(s), 0..{stages - 1}.")
+    if options.steps < 1 or options.warmup < 0:
+        raise configlib.ConfigError(f"--steps must be >= 1 and --warmup >= 0, got {options.steps} and {options.warmup}.")
     if options.aot_topology:
         if options.aot_topology.startswith("cpu:"):
             jax.config.update("jax_num_cpu_devices", int(options.aot_topology.split(":")[1]))
@@ -412,4 +420,4 @@ if __name__ == "__main__":
     flags.DEFINE_string("label", "", "Free-text label stored with the result (e.g. 'remat on').")
     flags.DEFINE_integer("profile_top", 0, "Also profile, and report the N most expensive model components.")
     flags.DEFINE_string("aot_topology", "", "Compile only, for 'cpu:N' or 'tpu:<topology>' (e.g. tpu:v5e:4x4).")
-    app.run(main)
+    cli.run(main)

@@ -65,21 +65,28 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
     raise AssertionError("unreachable")
 
 
+def _guarded(main: Callable, *args) -> object:
+    """`main(*args)`, with a `UserError`, a stop on a signal and Ctrl-C ended as this module says."""
+    try:
+        return main(*args)
+    except UserError as error:
+        fail(_one_line(error), error.hint)
+    except Interrupted as stop:
+        print(stop, file=sys.stderr)
+        sys.exit(stop.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
+
+
 def run(main: Callable[[list[str]], object]) -> None:
     """Runs `main(argv)` as `absl.app.run` does (logging set up first, `logs.setup`), with the error
     handling of this module."""
     logs.setup()
+    app.run(lambda argv: _guarded(main, argv), flags_parser=_parse_flags)
 
-    def guarded(argv: list[str]) -> object:
-        try:
-            return main(argv)
-        except UserError as error:
-            fail(_one_line(error), error.hint)
-        except Interrupted as stop:
-            print(stop, file=sys.stderr)
-            sys.exit(stop.exit_code)
-        except KeyboardInterrupt:
-            print("interrupted (Ctrl-C)", file=sys.stderr)
-            sys.exit(130)
 
-    app.run(guarded, flags_parser=_parse_flags)
+def guard(main: Callable[[], int | None]) -> None:
+    """For a CLI that parses its own arguments: exits with `main()`'s status, errors handled as in `run`."""
+    logs.setup()
+    sys.exit(_guarded(main) or 0)

@@ -5,20 +5,23 @@
 reads `workdir/config.json` (no config flag needed), restores every finished stage's final
 checkpoint, evaluates it with the config's method and rewrites `workdir/results/summary.{json,md}`
 (`report.write_summary`). `train.py` evaluates each stage as it finishes; this recomputes them.
+It refuses data other than the workdir's (`data.json`) unless `--other_data` is given, which
+writes the new evaluation beside the training results.
 """
 
 from __future__ import annotations
 
 import ml_collections
-from absl import app, flags
+from absl import flags
 from etils import epath
 
+from unialign_jax import cli
 from unialign_jax import files
-from unialign_jax import logs
 from unialign_jax import loop
 from unialign_jax import methods
 from unialign_jax import parallel
 from unialign_jax import report
+from unialign_jax.data import identity as data_identity
 from unialign_jax.logs import logger
 
 
@@ -32,13 +35,27 @@ def config_from_json(value):
     return value
 
 
-def evaluate_workdir(workdir: str) -> list[dict]:
-    """Re-evaluates every finished stage of a workdir from its checkpoints and config.json."""
+def evaluate_workdir(workdir: str, *, other_data: bool = False) -> list[dict]:
+    """Re-evaluates every finished stage of a workdir from its checkpoints and config.json.
+
+    The data it reads must be the data the workdir was trained on (`data.json`, see
+    `data.identity`); with `other_data`, a difference is allowed and the results are written beside
+    the training results, to `results/other_data/<data hash>/`, not over them.
+    """
     config_path = epath.Path(workdir) / "config.json"
     if not config_path.exists():
-        raise FileNotFoundError(f"{config_path} not found: is {workdir} a unialign_jax.train workdir?")
+        raise files.WorkdirError(f"{config_path} not found: is {workdir} a unialign_jax.train workdir?")
     config = config_from_json(files.read_json(config_path))
     method = methods.for_config(config)
+    results_dir = epath.Path(workdir) / "results"
+    current = data_identity.identity(config)
+    if other_data:
+        results_dir = results_dir / "other_data" / data_identity.digest(current)
+        logger.info("Evaluating on the data of this environment; results go to %s.", results_dir)
+    else:
+        data_identity.pin(workdir, current, write=False)
+    for source in data_identity.audio_sources(current):
+        logger.info("audio: %s", source)
     mesh = parallel.make_mesh(config.mesh)
     history: list[dict] = []
     for stage in loop.stage_specs(config):
@@ -46,21 +63,22 @@ def evaluate_workdir(workdir: str) -> list[dict]:
             logger.info("Stage %s is not finished; stopping here.", stage.name)
             break
         state = loop.restore_finished(config, stage, workdir, mesh)
-        history.append(method.evaluate_stage(config, stage, state, workdir, history))
+        history.append(method.evaluate_stage(config, stage, state, results_dir, history))
         print(method.results_table(config, history), flush=True)
     if history:
-        report.write_summary(epath.Path(workdir) / "results", history, method.results_markdown(config, history))
+        report.write_summary(results_dir, history, method.results_markdown(config, history))
     return history
 
 
 def main(argv):
     del argv
-    logs.setup()
-    evaluate_workdir(flags.FLAGS.workdir)
+    evaluate_workdir(flags.FLAGS.workdir, other_data=flags.FLAGS.other_data)
 
 
 if __name__ == "__main__":
     # Defined here, not at import: train.py has its own --workdir.
     flags.DEFINE_string("workdir", None, "A workdir written by unialign_jax.train.")
+    flags.DEFINE_bool("other_data", False, "Evaluate on the data this environment resolves to even if it is not "
+                      "the data the workdir was trained on; results go to results/other_data/<hash>/.")
     flags.mark_flags_as_required(["workdir"])
-    app.run(main)
+    cli.run(main)

@@ -96,6 +96,13 @@ def check_writable_dir(workdir: epath.PathLike) -> epath.Path:
     return path
 
 
+def remove_if_empty(directory: epath.PathLike) -> None:
+    """Removes `directory` if it holds nothing (process 0)."""
+    path = epath.Path(directory)
+    if is_primary() and path.is_dir() and not any(True for _ in path.iterdir()):
+        path.rmdir()
+
+
 class WorkdirLocked(UserError, RuntimeError):
     """Another run holds the workdir's lock."""
 

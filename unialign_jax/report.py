@@ -24,7 +24,9 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from unialign_jax import cli
 from unialign_jax import files
+from unialign_jax.errors import UserError
 from unialign_jax.eval import continual
 from unialign_jax.eval import statistics as stats_lib
 from unialign_jax.eval.cross_modal import pair_name, pair_status
@@ -470,12 +472,12 @@ def _read_runs(runs: Mapping[str, Sequence[epath.PathLike]]) -> dict[str, list[t
                 if not (epath.Path(workdir) / name).exists():
                     problems.append(f"{label}: {epath.Path(workdir) / name}")
     if problems:
-        raise FileNotFoundError("no results (unfinished run or wrong workdir?): " + "; ".join(problems))
+        raise ReportError("no results (unfinished run or wrong workdir?): " + "; ".join(problems))
     for label, workdirs in runs.items():
         seeds = [files.read_json(epath.Path(w) / "config.json").get("seed") for w in workdirs]
         repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1}, key=str)
         if repeated:
-            raise ValueError(f"{label}: several workdirs with seed {repeated} ({', '.join(map(str, workdirs))}): "
+            raise ReportError(f"{label}: several workdirs with seed {repeated} ({', '.join(map(str, workdirs))}): "
                              "one run per seed")
         found[label] = [(seed, final_stage_scores(files.read_json(epath.Path(w) / "results" / "summary.json")))
                         for seed, w in zip(seeds, workdirs)]
@@ -502,7 +504,7 @@ def compare_runs(runs: Mapping[str, Sequence[epath.PathLike]],
     for pair in paired:
         unknown = [label for label in pair if label not in runs]
         if unknown:
-            raise ValueError(f"paired comparison {pair}: unknown label(s) {unknown}; labels: {list(runs)}")
+            raise ReportError(f"paired comparison {pair}: unknown label(s) {unknown}; labels: {list(runs)}")
     found = _read_runs(runs)
     headline = _headline(found)
     rows = []
@@ -535,7 +537,7 @@ def paired_differences(first: str, first_runs: Sequence[tuple[int, Mapping[str, 
     """
     by_seed = {seed: scores for seed, scores in first_runs}, {seed: scores for seed, scores in second_runs}
     if set(by_seed[0]) != set(by_seed[1]):
-        raise ValueError(f"paired comparison {first} vs {second} needs the same seeds (config.json 'seed'): "
+        raise ReportError(f"paired comparison {first} vs {second} needs the same seeds (config.json 'seed'): "
                          f"{first} has {sorted(by_seed[0], key=str)}, {second} has {sorted(by_seed[1], key=str)}")
     seeds = sorted(by_seed[0], key=str)
     rows = []
@@ -562,6 +564,12 @@ def paired_differences(first: str, first_runs: Sequence[tuple[int, Mapping[str, 
                                                  markdown=True)])
 
 
+class ReportError(UserError, ValueError):
+    """The runs or arguments given to `report` cannot be compared as asked."""
+
+    hint = "run with --help for the usage"
+
+
 USAGE = ("usage: python -m unialign_jax.report LABEL=WORKDIR[,WORKDIR...] ... [--paired=LABEL_A,LABEL_B ...]\n"
          "  one workdir per seed; --paired adds the per-seed differences LABEL_A - LABEL_B (same seeds).")
 
@@ -579,17 +587,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         if argument.startswith("--paired="):
             labels = argument.removeprefix("--paired=").split(",")
             if len(labels) != 2 or not all(labels):
-                raise SystemExit(f"--paired takes two labels separated by one comma, got {argument!r}\n{USAGE}")
+                raise ReportError(f"--paired takes two labels separated by one comma, got {argument!r}")
             paired.append((labels[0], labels[1]))
         elif "=" in argument and not argument.startswith("-"):
             label, workdirs = argument.split("=", 1)
             runs[label] = [w for w in workdirs.split(",") if w]
         else:
-            raise SystemExit(f"unrecognised argument {argument!r}\n{USAGE}")
+            raise ReportError(f"unrecognised argument {argument!r}")
     if not runs:
-        raise SystemExit(USAGE)
+        raise ReportError("no runs given")
     print(compare_runs(runs, paired))
 
 
 if __name__ == "__main__":
-    main()
+    cli.guard(main)

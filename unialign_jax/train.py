@@ -80,7 +80,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     method = methods.for_config(config)
     method.validate(config)
     writers.check_writers(config.writers)
+    created = not epath.Path(workdir).exists()
     files.check_writable_dir(workdir)
+    try:
+        return _run_locked(method, config, workdir)
+    except BaseException:
+        if created:  # a start that failed leaves no trace of a new workdir
+            files.remove_if_empty(workdir)
+        raise
+
+
+def _run_locked(method, config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     with files.WorkdirLock(workdir):
         check_workdir_config(workdir, config, write=False)
         data = data_identity.identity(config)
@@ -129,7 +139,7 @@ def _run_stages(method, config, workdir, writer, profiler, stop) -> list[dict]:
             stop=stop,
         )
         method.end_stage(config, stage, state, workdir, mesh)
-        results.append(method.evaluate_stage(config, stage, state, workdir, results))
+        results.append(method.evaluate_stage(config, stage, state, results_dir, results))
         report.write_summary(results_dir, results, method.results_markdown(config, results))
         _write_evaluation(writer, stage, results[-1], results_dir)
         print(method.results_table(config, results), flush=True)
@@ -139,10 +149,13 @@ def _run_stages(method, config, workdir, writer, profiler, stop) -> list[dict]:
 
 
 def _write_evaluation(writer, stage: loop.StageSpec, result: dict, results_dir: epath.Path) -> None:
-    """A stage's evaluation metrics and its plots (`results/*<stage folder>*.png`) to the writers."""
+    """A stage's evaluation metrics and its plots to the writers: `results/*<stage folder>*.png` and
+    the plots of the whole run (PNGs naming no stage, e.g. the accuracy matrix) as they stand now."""
     context = {"stage": stage.name, "split": "eval"}
     writer.write_scalars(stage.steps, result["metrics"], context=context)
-    plots = {path.stem: report.read_png(path) for path in sorted(results_dir.glob(f"*{stage.folder}*.png"))}
+    pngs = sorted(results_dir.glob("*.png"))
+    plots = {path.stem: report.read_png(path) for path in pngs
+             if stage.folder in path.name or "stage_" not in path.name}
     if plots:
         writer.write_images(stage.steps, plots, context=context)
     writer.flush()

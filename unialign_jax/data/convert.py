@@ -15,6 +15,7 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
+from unialign_jax import cli
 from unialign_jax import logs
 from unialign_jax.data import features
 
@@ -45,13 +46,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the conversion; returns the exit status (0 converted, 1 bad inputs or arguments)."""
+    """Runs the conversion; returns the exit status (0 converted, 2 bad inputs or arguments)."""
     args = parse_args(argv)
     logs.setup()
     splits = dict(args.split)
     if len(splits) != len(args.split):
         print(f"error: a split is given twice: {[split for split, _ in args.split]}", file=sys.stderr)
-        return 1
+        return 2
     try:
         class_names = None
         if args.class_names is not None:
@@ -62,10 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except (ValueError, OSError) as error:  # FeatureInputError is a ValueError
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return 2
     logs.logger.info("Converted %s -> %s (data config: name='features', dataset=%r)", splits, path, args.name)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.guard(main)

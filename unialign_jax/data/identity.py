@@ -9,6 +9,7 @@ config (`stages[i].data`, `eval.data`, per-modality entries) without building an
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -49,6 +50,11 @@ def identity(config: ml_collections.ConfigDict) -> dict[str, dict]:
                         "config": builder.builder_config.name if builder.builder_config else "",
                         "parameters": json.loads(description) if description else {}}
     return result
+
+
+def digest(current: dict[str, dict]) -> str:
+    """16 hex digits naming a data identity (for folders of results on other data)."""
+    return hashlib.sha256(json.dumps(current, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def audio_sources(pinned: dict[str, dict]) -> list[str]:

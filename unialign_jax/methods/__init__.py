@@ -14,6 +14,7 @@ import importlib
 from typing import TYPE_CHECKING, Any, Protocol
 
 import ml_collections
+from etils import epath
 
 from unialign_jax.configlib import ConfigError
 
@@ -51,9 +52,10 @@ class Method(Protocol):
                   mesh: Any) -> None:
         """Saves what later stages read (idempotent: a rerun finds it done)."""
 
-    def evaluate_stage(self, config: ml_collections.ConfigDict, stage: StageSpec, state: TrainState, workdir: str,
-                       history: list[dict]) -> dict:
-        """{'name', 'modalities', 'metrics'} of a trained stage; `history` holds the earlier stages'."""
+    def evaluate_stage(self, config: ml_collections.ConfigDict, stage: StageSpec, state: TrainState,
+                       results_dir: epath.Path, history: list[dict]) -> dict:
+        """{'name', 'modalities', 'metrics'} of a trained stage (its plots go to `results_dir`);
+        `history` holds the earlier stages'."""
 
     def results_table(self, config: ml_collections.ConfigDict, history: list[dict]) -> str:
         """The console table of the latest stage."""

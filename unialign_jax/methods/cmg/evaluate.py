@@ -79,9 +79,10 @@ def trained_classes(stages: list[StageSpec]) -> dict[str, tuple[int, ...]]:
 
 
 def evaluate_stage(config: ml_collections.ConfigDict, stage: StageSpec, state: TrainState,
-                   workdir: str, history: list[dict]) -> dict:
+                   results_dir: epath.Path, history: list[dict]) -> dict:
     """Scores every pair of the modalities learned up to `stage` (and the forgetting since `history`,
-    the results of the earlier stages); writes the code-usage plot; returns the stage's result."""
+    the results of the earlier stages); writes the code-usage and accuracy-matrix plots into
+    `results_dir`; returns the stage's result."""
     available = pipeline.dataset_modalities(config.eval.data)
     modalities = tuple(m for m in stage.seen_modalities if m in available)
     if len(modalities) < 2:
@@ -132,7 +133,6 @@ def evaluate_stage(config: ml_collections.ConfigDict, stage: StageSpec, state: T
                                            chance, prefix)
         result["metrics"].update({key + name: value for name, value in scores.items()})
 
-    results_dir = epath.Path(workdir) / "results"
     report.plot_code_usage(results_dir / f"code_usage_{stage.folder}.png",
                            eval_lib.code_usage_counts(test_codes, active, modalities), modalities)
     report.plot_accuracy_matrix(results_dir / "accuracy_matrix.png", stages)

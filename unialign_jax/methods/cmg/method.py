@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import ml_collections
+from etils import epath
 import numpy as np
 
 from unialign_jax import report
@@ -44,9 +45,9 @@ class CMGMethod:
         continual.finish_stage(config, stage, state, workdir,
                                lambda patterns: step_lib.estimate_fisher(config, stage, state, mesh, patterns))
 
-    def evaluate_stage(self, config: ml_collections.ConfigDict, stage: StageSpec, state: TrainState, workdir: str,
-                       history: list[dict]) -> dict:
-        return evaluate.evaluate_stage(config, stage, state, workdir, history)
+    def evaluate_stage(self, config: ml_collections.ConfigDict, stage: StageSpec, state: TrainState,
+                       results_dir: epath.Path, history: list[dict]) -> dict:
+        return evaluate.evaluate_stage(config, stage, state, results_dir, history)
 
     def results_table(self, config: ml_collections.ConfigDict, history: list[dict]) -> str:
         del config

@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import ml_collections
+from etils import epath
 
 from unialign_jax import optim
 from unialign_jax.data import mixed
@@ -60,9 +61,9 @@ class UniAlignMethod:
                   mesh) -> None:
         del config, stage, state, workdir, mesh  # one phase: nothing carries over
 
-    def evaluate_stage(self, config: ml_collections.ConfigDict, stage: StageSpec, state: TrainState, workdir: str,
-                       history: list[dict]) -> dict:
-        del workdir, history
+    def evaluate_stage(self, config: ml_collections.ConfigDict, stage: StageSpec, state: TrainState,
+                       results_dir: epath.Path, history: list[dict]) -> dict:
+        del results_dir, history
         return evaluate.evaluate_stage(config, stage, state)
 
     def results_table(self, config: ml_collections.ConfigDict, history: list[dict]) -> str:

@@ -34,13 +34,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import app, flags
+from absl import flags
 from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
+from unialign_jax import cli
 from unialign_jax import files
-from unialign_jax import logs
 from unialign_jax.data import pipeline
 from unialign_jax.eval import zero_shot
 from unialign_jax.logs import logger
@@ -187,7 +187,6 @@ def load_teachers(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
 
 def main(argv):
     del argv
-    logs.setup()
     config = flags.FLAGS.config
     config_lib.validate(config)
     write_teachers(config, flags.FLAGS.workdir)
@@ -198,4 +197,4 @@ if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", None, "UniAlign config file (configs/unialign_*.py[:args]).")
     flags.DEFINE_string("workdir", None, "The workdir of the UniAlign run that will read the features.")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    cli.run(main)
