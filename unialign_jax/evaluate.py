@@ -32,12 +32,17 @@ def config_from_json(value):
     return value
 
 
-def evaluate_workdir(workdir: str) -> list[dict]:
-    """Re-evaluates every finished stage of a workdir from its checkpoints and config.json."""
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+    """The resolved config of a workdir (`config.json`); FileNotFoundError naming the path."""
     config_path = epath.Path(workdir) / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"{config_path} not found: is {workdir} a unialign_jax.train workdir?")
-    config = config_from_json(files.read_json(config_path))
+    return config_from_json(files.read_json(config_path))
+
+
+def evaluate_workdir(workdir: str) -> list[dict]:
+    """Re-evaluates every finished stage of a workdir from its checkpoints and config.json."""
+    config = read_config(workdir)
     method = methods.for_config(config)
     mesh = parallel.make_mesh(config.mesh)
     history: list[dict] = []

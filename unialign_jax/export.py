@@ -1,0 +1,39 @@
+"""Exports the trained parts of a finished stage: safetensors weights and a JSON manifest.
+
+    python -m unialign_jax.export --workdir=workdirs/comet_vt_at_it --out=exports/comet [--stage=NAME]
+
+writes `weights.safetensors` and `manifest.json` into `--out` (a new or empty directory; format:
+`unialign_jax.trained`). UniAlign's frozen pretrained backbone is left out (the manifest names it
+and holds its fingerprint); `unialign_jax.load(out, backbone=FILE)` or the embed CLI's
+`--backbone=FILE` read it back. A user error prints one `error: ...` line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+from unialign_jax import logs
+from unialign_jax import trained
+from unialign_jax.inputs import InputError
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    logs.setup()
+    try:
+        out = trained.write_export(flags.FLAGS.workdir, flags.FLAGS.out, flags.FLAGS.stage)
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    print(f"exported to {out}")
+
+
+if __name__ == "__main__":
+    flags.DEFINE_string("workdir", None, "A workdir written by unialign_jax.train.")
+    flags.DEFINE_string("out", None, "The export directory to write (new or empty).")
+    flags.DEFINE_string("stage", None, "The stage to export (default: the last finished one).")
+    flags.mark_flags_as_required(["workdir", "out"])
+    app.run(main)

@@ -1,0 +1,119 @@
+"""A user's files as model inputs of one modality: float32[N, *input_shape] (`unialign_jax.load`, the
+embed CLI).
+
+Accepted, per file:
+
+* `.npy`: one example float[*input_shape] or several float[n, *input_shape];
+* `.npz`: the array named after the modality (one example or several, as `.npy`);
+* `.wav` (audio-like modalities whose inputs are [T, bins]): the digits data's log-mel path
+  (`data.audio_features.pooled_log_mel` with T segments and `bins` mel bins, 20-4000 Hz, so the
+  file needs a sample rate of at least 8 kHz); meaningful for models trained on that path (the
+  digits data, or features made with it); mono files only;
+* `.png` (the `image` modality with inputs [T, W]): the digits data's image path, grayscale in
+  [0, 1] resampled to T rows x W columns (`data.digits.handwriting.image_rows`); the training
+  digits are bright strokes on black.
+
+Every problem raises `InputError` naming the file.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Sequence
+
+import numpy as np
+
+IMAGE_MODALITY = "image"  # the modality PNG files are read for
+SUFFIXES = (".npy", ".npz", ".wav", ".png")
+
+
+class InputError(ValueError):
+    """A user input (a file, a modality, a stage, a class list) that cannot be used; the message names it."""
+
+
+def read_inputs(paths: Sequence[str | pathlib.Path], modality: str, input_shape: Sequence[int]) -> np.ndarray:
+    """float32[N, *input_shape]: the examples of every file, in order (a file may hold several)."""
+    if not paths:
+        raise InputError(f"no input files for modality {modality!r}")
+    return np.concatenate([read_file(pathlib.Path(p), modality, tuple(input_shape)) for p in paths])
+
+
+def read_file(path: pathlib.Path, modality: str, input_shape: tuple[int, ...]) -> np.ndarray:
+    """float32[n, *input_shape] of one file (module docstring)."""
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        return as_examples(_load_numpy(path), input_shape, str(path))
+    if suffix == ".npz":
+        with _open_npz(path) as stored:
+            if modality not in stored.files:
+                raise InputError(f"{path}: no array named {modality!r} (has {stored.files})")
+            return as_examples(stored[modality], input_shape, str(path))
+    if suffix == ".wav":
+        return _wav_features(path, input_shape)[None]
+    if suffix == ".png":
+        if modality != IMAGE_MODALITY:
+            raise InputError(f"{path}: PNG files are read for the {IMAGE_MODALITY!r} modality, not {modality!r}")
+        return _png_rows(path, input_shape)[None]
+    raise InputError(f"{path}: unsupported file type {suffix or '(none)'!r}; use one of {', '.join(SUFFIXES)}")
+
+
+def _load_numpy(path: pathlib.Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise InputError(f"{path}: unreadable .npy file ({error})") from error
+
+
+def _open_npz(path: pathlib.Path):
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise InputError(f"{path}: unreadable .npz file ({error})") from error
+
+
+def as_examples(array: np.ndarray, input_shape: tuple[int, ...], source: str) -> np.ndarray:
+    """float32[n, *input_shape] of one example [*input_shape] or several; errors name `source`."""
+    array = np.asarray(array)
+    if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
+        raise InputError(f"{source}: {array.dtype} array, expected real numbers")
+    if tuple(array.shape) == input_shape:
+        array = array[None]
+    if tuple(array.shape[1:]) != input_shape or len(array) == 0:
+        raise InputError(f"{source}: array of shape {array.shape}; the model expects {list(input_shape)} "
+                         f"or [n, {', '.join(map(str, input_shape))}]")
+    if not np.all(np.isfinite(array)):
+        raise InputError(f"{source}: the array holds NaN or infinite values")
+    return array.astype(np.float32)
+
+
+def _wav_features(path: pathlib.Path, input_shape: tuple[int, ...]) -> np.ndarray:
+    from unialign_jax.data.audio_features import pooled_log_mel  # pylint: disable=import-outside-toplevel
+    from unialign_jax.data.digits import speech  # pylint: disable=import-outside-toplevel
+
+    if len(input_shape) != 2:
+        raise InputError(f"{path}: wav files become [T, mel bins] features; this modality's inputs are "
+                         f"{list(input_shape)} (pass .npy features instead)")
+    try:
+        samples, rate = speech.read_wav(path)
+        return pooled_log_mel(samples, rate, input_shape[0], num_mel_bins=input_shape[1])
+    except ValueError as error:  # AudioInputError (names the file) or a sample rate the filters do not fit
+        message = str(error) if str(path) in str(error) else f"{path}: {error}"
+        raise InputError(message) from error
+
+
+def _png_rows(path: pathlib.Path, input_shape: tuple[int, ...]) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError  # pylint: disable=import-outside-toplevel
+
+    from unialign_jax.data.digits import handwriting  # pylint: disable=import-outside-toplevel
+
+    if len(input_shape) != 2:
+        raise InputError(f"{path}: PNG files become [rows, columns] grayscale inputs; this model's images are "
+                         f"{list(input_shape)} (pass .npy arrays instead)")
+    try:
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("L"), np.float32) / 255.0
+    except (UnidentifiedImageError, OSError) as error:
+        raise InputError(f"{path}: unreadable image ({error})") from error
+    return handwriting.image_rows(pixels, *input_shape)
