@@ -16,6 +16,7 @@ extras (CMG/COMET: `codes`). A user error (a bad file, an unknown modality or st
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import numpy as np
@@ -24,7 +25,7 @@ from absl import app, flags
 from unialign_jax import inference
 from unialign_jax import logs
 from unialign_jax import report
-from unialign_jax.inputs import InputError
+from unialign_jax.inputs import InputError, check_paths
 
 
 def encode_files(model: inference.TrainedModel, modality: str, paths: list[str]) -> tuple[list[str], dict]:
@@ -49,6 +50,8 @@ def run(argv: list[str], options) -> str:
         raise InputError("no input files: pass one or more files after the flags")
     if options.output and not options.output.endswith((".npy", ".npz")):
         raise InputError(f"--output={options.output}: name a .npy or .npz file")
+    against = options.against.split(",") if options.against else []
+    check_paths([*argv, *against])
     model = inference.load(options.workdir, options.stage, backbone=options.backbone)
     names, encoded = encode_files(model, options.modality, argv)
     if options.output:
@@ -64,10 +67,9 @@ def run(argv: list[str], options) -> str:
         rows = [{"file": name, "label": label, "similarity": float(line.max())}
                 for name, label, line in zip(names, result.labels, result.similarity)]
         return report.format_table(rows, ["file", "label", "similarity"])
-    if options.against:
-        modality = options.against_modality or options.modality
-        columns, against = encode_files(model, modality, options.against.split(","))
-        return similarity_table(names, columns, model.similarity(encoded["embedding"], against["embedding"]))
+    if against:
+        columns, compared = encode_files(model, options.against_modality or options.modality, against)
+        return similarity_table(names, columns, model.similarity(encoded["embedding"], compared["embedding"]))
     return similarity_table(names, names, model.similarity(encoded["embedding"], encoded["embedding"]))
 
 
@@ -80,17 +82,18 @@ def main(argv):
         sys.exit(2)
 
 
-def define_flags() -> None:
-    flags.DEFINE_string("workdir", None, "A workdir of unialign_jax.train or an export of unialign_jax.export.")
-    flags.DEFINE_string("modality", None, "The modality of the files.")
-    flags.DEFINE_string("stage", None, "The stage to use (default: the last finished one).")
-    flags.DEFINE_string("backbone", None, "An export's frozen backbone weights (default: where training found them).")
-    flags.DEFINE_string("classes", None, "Comma-separated class names: print each file's zero-shot label.")
-    flags.DEFINE_string("against", None, "Comma-separated files to compare with (the similarity's columns).")
-    flags.DEFINE_string("against_modality", None, "The modality of --against (default: --modality).")
-    flags.DEFINE_string("output", None, "Write the embeddings to this .npy (or .npz) file instead of printing.")
-    flags.mark_flags_as_required(["workdir", "modality"])
-
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """The CLI's flags (defined when run as a program, not at import; tests parse into their own)."""
+    define = functools.partial(flags.DEFINE_string, flag_values=flag_values)
+    define("workdir", None, "A workdir of unialign_jax.train or an export of unialign_jax.export.")
+    define("modality", None, "The modality of the files.")
+    define("stage", None, "The stage to use (default: the last finished one).")
+    define("backbone", None, "An export's frozen backbone weights (default: where training found them).")
+    define("classes", None, "Comma-separated class names: print each file's zero-shot label.")
+    define("against", None, "Comma-separated files to compare with (the similarity's columns).")
+    define("against_modality", None, "The modality of --against (default: --modality).")
+    define("output", None, "Write the embeddings to this .npy (or .npz) file instead of printing.")
+    flags.mark_flags_as_required(["workdir", "modality"], flag_values=flag_values)
 
 if __name__ == "__main__":
     define_flags()

@@ -10,6 +10,7 @@ and holds its fingerprint); `unialign_jax.load(out, backbone=FILE)` or the embed
 
 from __future__ import annotations
 
+import functools
 import sys
 
 from absl import app, flags
@@ -23,17 +24,24 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     logs.setup()
+    options = flags.FLAGS
     try:
-        out = trained.write_export(flags.FLAGS.workdir, flags.FLAGS.out, flags.FLAGS.stage)
+        out = trained.write_export(options.workdir, options.out, options.stage)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     print(f"exported to {out}")
 
 
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """The CLI's flags (defined when run as a program, not at import; tests parse into their own)."""
+    define = functools.partial(flags.DEFINE_string, flag_values=flag_values)
+    define("workdir", None, "A workdir written by unialign_jax.train.")
+    define("out", None, "The export directory to write (new or empty).")
+    define("stage", None, "The stage to export (default: the last finished one).")
+    flags.mark_flags_as_required(["workdir", "out"], flag_values=flag_values)
+
+
 if __name__ == "__main__":
-    flags.DEFINE_string("workdir", None, "A workdir written by unialign_jax.train.")
-    flags.DEFINE_string("out", None, "The export directory to write (new or empty).")
-    flags.DEFINE_string("stage", None, "The stage to export (default: the last finished one).")
-    flags.mark_flags_as_required(["workdir", "out"])
+    define_flags()
     app.run(main)

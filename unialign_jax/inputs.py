@@ -31,6 +31,15 @@ class InputError(ValueError):
     """A user input (a file, a modality, a stage, a class list) that cannot be used; the message names it."""
 
 
+def check_paths(paths: Sequence[str | pathlib.Path]) -> None:
+    """Raises `InputError` for the first path that is not a file of a supported type (before any model loads)."""
+    for path in map(pathlib.Path, paths):
+        if not path.is_file():
+            raise InputError(f"{path}: no such file")
+        if path.suffix.lower() not in SUFFIXES:
+            raise InputError(f"{path}: unsupported file type {path.suffix or '(none)'!r}; use one of {', '.join(SUFFIXES)}")
+
+
 def read_inputs(paths: Sequence[str | pathlib.Path], modality: str, input_shape: Sequence[int]) -> np.ndarray:
     """float32[N, *input_shape]: the examples of every file, in order (a file may hold several)."""
     if not paths:
@@ -40,8 +49,7 @@ def read_inputs(paths: Sequence[str | pathlib.Path], modality: str, input_shape:
 
 def read_file(path: pathlib.Path, modality: str, input_shape: tuple[int, ...]) -> np.ndarray:
     """float32[n, *input_shape] of one file (module docstring)."""
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
+    check_paths([path])
     suffix = path.suffix.lower()
     if suffix == ".npy":
         return as_examples(_load_numpy(path), input_shape, str(path))
@@ -52,11 +60,9 @@ def read_file(path: pathlib.Path, modality: str, input_shape: tuple[int, ...]) -
             return as_examples(stored[modality], input_shape, str(path))
     if suffix == ".wav":
         return _wav_features(path, input_shape)[None]
-    if suffix == ".png":
-        if modality != IMAGE_MODALITY:
-            raise InputError(f"{path}: PNG files are read for the {IMAGE_MODALITY!r} modality, not {modality!r}")
-        return _png_rows(path, input_shape)[None]
-    raise InputError(f"{path}: unsupported file type {suffix or '(none)'!r}; use one of {', '.join(SUFFIXES)}")
+    if modality != IMAGE_MODALITY:  # .png
+        raise InputError(f"{path}: PNG files are read for the {IMAGE_MODALITY!r} modality, not {modality!r}")
+    return _png_rows(path, input_shape)[None]
 
 
 def _load_numpy(path: pathlib.Path) -> np.ndarray:
@@ -89,7 +95,7 @@ def as_examples(array: np.ndarray, input_shape: tuple[int, ...], source: str) ->
 
 
 def _wav_features(path: pathlib.Path, input_shape: tuple[int, ...]) -> np.ndarray:
-    from unialign_jax.data.audio_features import pooled_log_mel  # pylint: disable=import-outside-toplevel
+    from unialign_jax.data.audio_features import MAX_FREQUENCY, pooled_log_mel  # pylint: disable=import-outside-toplevel
     from unialign_jax.data.digits import speech  # pylint: disable=import-outside-toplevel
 
     if len(input_shape) != 2:
@@ -97,10 +103,12 @@ def _wav_features(path: pathlib.Path, input_shape: tuple[int, ...]) -> np.ndarra
                          f"{list(input_shape)} (pass .npy features instead)")
     try:
         samples, rate = speech.read_wav(path)
-        return pooled_log_mel(samples, rate, input_shape[0], num_mel_bins=input_shape[1])
-    except ValueError as error:  # AudioInputError (names the file) or a sample rate the filters do not fit
-        message = str(error) if str(path) in str(error) else f"{path}: {error}"
-        raise InputError(message) from error
+    except speech.AudioInputError as error:
+        raise InputError(str(error)) from error
+    if rate < 2 * MAX_FREQUENCY:
+        raise InputError(f"{path}: sample rate {rate} Hz; the log-mel filters reach {MAX_FREQUENCY:g} Hz, so the "
+                         f"recording needs at least {2 * MAX_FREQUENCY:g} Hz")
+    return pooled_log_mel(samples, rate, input_shape[0], num_mel_bins=input_shape[1])
 
 
 def _png_rows(path: pathlib.Path, input_shape: tuple[int, ...]) -> np.ndarray:

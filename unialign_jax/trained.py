@@ -134,6 +134,8 @@ def read_export(path: str, stage: str | None = None, backbone: str | None = None
     arrays = {key: value.reshape(listed[key]["shape"]) for key, value in arrays.items()}  # scalars come back [1]
     tree = traverse_util.unflatten_dict(arrays, sep="/")
     parts = {field: tree.get(field, {}) for field in _FIELDS}
+    if "frozen" in manifest["fields"] and backbone:
+        raise InputError(f"backbone={backbone}: the export {path} holds every weight and takes no backbone")
     if "frozen" not in manifest["fields"]:
         parts["frozen"] = methods.for_config(config).frozen_backbone(config, backbone)
         found, expected = fingerprint(parts["frozen"]), manifest["backbone"]["fingerprint"]

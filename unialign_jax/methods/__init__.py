@@ -99,7 +99,7 @@ class Method(Protocol):
 
     def frozen_backbone(self, config: ml_collections.ConfigDict, weights: str | None) -> dict:
         """The `frozen` params an export left out, read from `weights` (None: the config's own source);
-        {} when `export_fields` holds `frozen`. Errors name the file."""
+        {} when `export_fields` holds `frozen`. Raises `inputs.InputError` naming the file."""
 
 
 def register(name: str, method: Method) -> None:

