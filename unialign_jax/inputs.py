@@ -5,7 +5,7 @@ Accepted, per file:
 
 * `.npy`: one example float[*input_shape] or several float[n, *input_shape];
 * `.npz`: the array named after the modality (one example or several, as `.npy`);
-* `.wav` (audio-like modalities whose inputs are [T, bins]): the digits data's log-mel path
+* `.wav` (the `audio` and `speech` modalities, inputs [T, bins]): the digits data's log-mel path
   (`data.audio_features.pooled_log_mel` with T segments and `bins` mel bins, 20-4000 Hz, so the
   file needs a sample rate of at least 8 kHz); meaningful for models trained on that path (the
   digits data, or features made with it); mono files only;
@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 
 IMAGE_MODALITY = "image"  # the modality PNG files are read for
+AUDIO_MODALITIES = ("audio", "speech")  # the modalities wav files are read for
 SUFFIXES = (".npy", ".npz", ".wav", ".png")
 
 
@@ -59,6 +60,8 @@ def read_file(path: pathlib.Path, modality: str, input_shape: tuple[int, ...]) -
                 raise InputError(f"{path}: no array named {modality!r} (has {stored.files})")
             return as_examples(stored[modality], input_shape, str(path))
     if suffix == ".wav":
+        if modality not in AUDIO_MODALITIES:
+            raise InputError(f"{path}: wav files are read for the {AUDIO_MODALITIES} modalities, not {modality!r}")
         return _wav_features(path, input_shape)[None]
     if modality != IMAGE_MODALITY:  # .png
         raise InputError(f"{path}: PNG files are read for the {IMAGE_MODALITY!r} modality, not {modality!r}")
