@@ -195,6 +195,7 @@ def test_files_go_through_the_data_paths(cmg_workdir, tmp_path):
     ("digit.png", "audio", "PNG files are read for the 'image' modality, not 'audio'"),
     ("stereo.wav", "audio", "2 channels, expected mono"),
     ("broken.wav", "audio", "unreadable wav file"),
+    ("broken.png", "image", "unreadable image"),
     ("slow.wav", "audio", "sample rate 4000 Hz; the log-mel filters reach 4000 Hz"),
     ("tone.wav", "video", r"wav files are read for the \('audio', 'speech'\) modalities, not 'video'"),
 ])
@@ -212,6 +213,8 @@ def test_bad_files_raise_errors_naming_them(tmp_path, name, modality, message):
         write_wav(path, channels=2)
     elif name == "broken.wav":
         path.write_bytes(b"RIFF....WAVEjunk")
+    elif name == "broken.png":
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"junk")
     elif name == "slow.wav":
         write_wav(path, sample_rate=4000)
     elif name == "tone.wav":

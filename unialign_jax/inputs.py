@@ -38,7 +38,8 @@ def check_paths(paths: Sequence[str | pathlib.Path]) -> None:
         if not path.is_file():
             raise InputError(f"{path}: no such file")
         if path.suffix.lower() not in SUFFIXES:
-            raise InputError(f"{path}: unsupported file type {path.suffix or '(none)'!r}; use one of {', '.join(SUFFIXES)}")
+            raise InputError(f"{path}: unsupported file type {path.suffix or '(none)'!r}; "
+                             f"use one of {', '.join(SUFFIXES)}")
 
 
 def read_inputs(paths: Sequence[str | pathlib.Path], modality: str, input_shape: Sequence[int]) -> np.ndarray:
@@ -98,8 +99,9 @@ def as_examples(array: np.ndarray, input_shape: tuple[int, ...], source: str) ->
 
 
 def _wav_features(path: pathlib.Path, input_shape: tuple[int, ...]) -> np.ndarray:
-    from unialign_jax.data.audio_features import MAX_FREQUENCY, pooled_log_mel  # pylint: disable=import-outside-toplevel
-    from unialign_jax.data.digits import speech  # pylint: disable=import-outside-toplevel
+    # pylint: disable=import-outside-toplevel
+    from unialign_jax.data.audio_features import MAX_FREQUENCY, pooled_log_mel
+    from unialign_jax.data.digits import speech
 
     if len(input_shape) != 2:
         raise InputError(f"{path}: wav files become [T, mel bins] features; this modality's inputs are "
@@ -111,7 +113,10 @@ def _wav_features(path: pathlib.Path, input_shape: tuple[int, ...]) -> np.ndarra
     if rate < 2 * MAX_FREQUENCY:
         raise InputError(f"{path}: sample rate {rate} Hz; the log-mel filters reach {MAX_FREQUENCY:g} Hz, so the "
                          f"recording needs at least {2 * MAX_FREQUENCY:g} Hz")
-    return pooled_log_mel(samples, rate, input_shape[0], num_mel_bins=input_shape[1])
+    try:
+        return pooled_log_mel(samples, rate, input_shape[0], num_mel_bins=input_shape[1])
+    except ValueError as error:  # e.g. more mel bins than the FFT resolves at this sample rate
+        raise InputError(f"{path}: {error}") from error
 
 
 def _png_rows(path: pathlib.Path, input_shape: tuple[int, ...]) -> np.ndarray:

@@ -99,7 +99,8 @@ def write_export(workdir: str, out: str, stage: str | None = None) -> pathlib.Pa
         "method": config.method,
         "stage": spec.name,
         "fields": list(fields),
-        "arrays": {key: {"shape": list(value.shape), "dtype": str(value.dtype)} for key, value in sorted(arrays.items())},
+        "arrays": {key: {"shape": list(value.shape), "dtype": str(value.dtype)}
+                   for key, value in sorted(arrays.items())},
         "backbone": backbone,
         "config": json.loads(config.to_json_best_effort(sort_keys=True)),
         "versions": ckpt_lib.library_versions(),
@@ -118,7 +119,8 @@ def read_export(path: str, stage: str | None = None, backbone: str | None = None
     directory = epath.Path(path)
     manifest = files.read_json(directory / MANIFEST)
     if manifest.get("format") != FORMAT:
-        raise InputError(f"{directory / MANIFEST}: export format {manifest.get('format')!r}, this version reads {FORMAT}")
+        raise InputError(f"{directory / MANIFEST}: export format {manifest.get('format')!r}; "
+                         f"this version reads format {FORMAT}")
     config = evaluate.config_from_json(manifest["config"])
     spec = next(s for s in loop.stage_specs(config) if s.name == manifest["stage"])
     if stage not in (None, spec.name, spec.folder):

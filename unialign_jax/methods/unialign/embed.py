@@ -21,13 +21,10 @@ import numpy as np
 from unialign_jax import optim
 from unialign_jax.inputs import InputError
 from unialign_jax.loop import StageSpec, TrainState
+from unialign_jax.losses.contrastive import l2_normalize
 from unialign_jax.methods.unialign import config as config_lib
 from unialign_jax.methods.unialign import evaluate
 from unialign_jax.methods.unialign import label_embeddings as label_lib
-
-
-def _unit_rows(x: np.ndarray) -> np.ndarray:
-    return (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)).astype(np.float32)
 
 
 class UniAlignEmbedder:
@@ -49,7 +46,7 @@ class UniAlignEmbedder:
         if modality == self.config.model.anchor:
             return {"embedding": np.asarray(label_lib.pool_text(inputs), np.float32)}
         embeddings, _ = evaluate.encode(self.model, self.params, inputs, modality, self.config.eval.batch_size)
-        return {"embedding": _unit_rows(embeddings)}
+        return {"embedding": np.asarray(l2_normalize(embeddings), np.float32)}
 
     def class_embeddings(self, modality: str, class_names: Sequence[str]) -> np.ndarray:
         """float32[C, D] unit rows, one per class name (module docstring)."""
