@@ -112,32 +112,33 @@ def numpy_clip_vision(state, images, heads, activation, prefix="visual.", eps=1e
 WIDTH, HEADS, MLP, DEPTH = 16, 2, 32, 2
 
 
-def random_bert_state(seed=0, vocab=40, positions=12):
+def random_bert_state(seed=0, vocab=40, positions=12, width=WIDTH, depth=DEPTH, mlp=MLP):
+    """A random BERT state dict with HF `BertModel` names (also the tiny UniAlign backbone file)."""
     rng = np.random.default_rng(seed)
     r = lambda *shape: rng.normal(0.0, 0.3, shape).astype(np.float32)
     state = {
-        "embeddings.word_embeddings.weight": r(vocab, WIDTH),
-        "embeddings.position_embeddings.weight": r(positions, WIDTH),
-        "embeddings.token_type_embeddings.weight": r(2, WIDTH),
-        "embeddings.LayerNorm.weight": 1 + r(WIDTH),
-        "embeddings.LayerNorm.bias": r(WIDTH),
+        "embeddings.word_embeddings.weight": r(vocab, width),
+        "embeddings.position_embeddings.weight": r(positions, width),
+        "embeddings.token_type_embeddings.weight": r(2, width),
+        "embeddings.LayerNorm.weight": 1 + r(width),
+        "embeddings.LayerNorm.bias": r(width),
         "embeddings.position_ids": np.arange(positions, dtype=np.int64)[None],
-        "pooler.dense.weight": r(WIDTH, WIDTH),
-        "pooler.dense.bias": r(WIDTH),
+        "pooler.dense.weight": r(width, width),
+        "pooler.dense.bias": r(width),
     }
-    for i in range(DEPTH):
+    for i in range(depth):
         p = f"encoder.layer.{i}."
         for name, (out, inp) in {
-            "attention.self.query": (WIDTH, WIDTH),
-            "attention.self.key": (WIDTH, WIDTH),
-            "attention.self.value": (WIDTH, WIDTH),
-            "attention.output.dense": (WIDTH, WIDTH),
-            "intermediate.dense": (MLP, WIDTH),
-            "output.dense": (WIDTH, MLP),
+            "attention.self.query": (width, width),
+            "attention.self.key": (width, width),
+            "attention.self.value": (width, width),
+            "attention.output.dense": (width, width),
+            "intermediate.dense": (mlp, width),
+            "output.dense": (width, mlp),
         }.items():
             state[p + name + ".weight"], state[p + name + ".bias"] = r(out, inp), r(out)
         for name in ("attention.output.LayerNorm", "output.LayerNorm"):
-            state[p + name + ".weight"], state[p + name + ".bias"] = 1 + r(WIDTH), r(WIDTH)
+            state[p + name + ".weight"], state[p + name + ".bias"] = 1 + r(width), r(width)
     return state
 
 

@@ -35,6 +35,14 @@ def config_from_json(value):
     return value
 
 
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+    """The resolved config of a workdir (`config.json`); `WorkdirError` naming the path."""
+    config_path = epath.Path(workdir) / "config.json"
+    if not config_path.exists():
+        raise files.WorkdirError(f"{config_path} not found: is {workdir} a unialign_jax.train workdir?")
+    return config_from_json(files.read_json(config_path))
+
+
 def evaluate_workdir(workdir: str, *, other_data: bool = False) -> list[dict]:
     """Re-evaluates every finished stage of a workdir from its checkpoints and config.json.
 
@@ -42,10 +50,7 @@ def evaluate_workdir(workdir: str, *, other_data: bool = False) -> list[dict]:
     `data.identity`); with `other_data`, a difference is allowed and the results are written beside
     the training results, to `results/other_data/<data hash>/`, not over them.
     """
-    config_path = epath.Path(workdir) / "config.json"
-    if not config_path.exists():
-        raise files.WorkdirError(f"{config_path} not found: is {workdir} a unialign_jax.train workdir?")
-    config = config_from_json(files.read_json(config_path))
+    config = read_config(workdir)
     method = methods.for_config(config)
     results_dir = epath.Path(workdir) / "results"
     current = data_identity.identity(config)

@@ -12,6 +12,7 @@ from unialign_jax.data.pipeline import (
     load_split,
     make_builder,
     make_train_iterator,
+    register_modality,
     resolve_data_dir,
     select_fields,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "load_split",
     "make_builder",
     "make_train_iterator",
+    "register_modality",
     "resolve_data_dir",
     "select_fields",
 ]

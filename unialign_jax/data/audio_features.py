@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 LOG_FLOOR = 1e-10  # added to the mel power density before the log (about -100 dB)
+MAX_FREQUENCY = 4000.0  # default top of the mel filters: FSDD's Nyquist frequency
 
 
 def hz_to_mel(frequency: np.ndarray | float) -> np.ndarray:
@@ -69,7 +70,7 @@ def log_mel_spectrogram(
     window_seconds: float = 0.025,
     hop_seconds: float = 0.010,
     min_frequency: float = 20.0,
-    max_frequency: float = 4000.0,
+    max_frequency: float = MAX_FREQUENCY,
 ) -> np.ndarray:
     """Log-mel spectrogram of a mono waveform (see the module docstring).
 
@@ -128,7 +129,7 @@ def pooled_log_mel(
     *,
     num_mel_bins: int = 40,
     trim_db: float = 40.0,
-    max_frequency: float = 4000.0,
+    max_frequency: float = MAX_FREQUENCY,
 ) -> np.ndarray:
     """Peak-normalised, silence-trimmed log-mel pooled into `num_segments` segments, standardised per clip.
 

@@ -34,6 +34,7 @@ import importlib
 import inspect
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 
 import grain
@@ -43,8 +44,17 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-MODALITIES = ("video", "audio", "text", "image", "speech", "depth", "points")
-"""Every modality name the project knows, in canonical order."""
+MODALITIES = ["video", "audio", "text", "image", "speech", "depth", "points"]
+"""Every modality name the project knows, in canonical order; `register_modality` appends yours."""
+
+
+def register_modality(name: str) -> None:
+    """Makes `name` a known modality (appended to `MODALITIES`, so configs, the data sources and the
+    synthetic world accept it); registering a known name again does nothing. Guide: docs/adding_a_modality.md."""
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        raise ValueError(f"modality name {name!r}: use lower-case letters, digits and '_', starting with a letter")
+    if name not in MODALITIES:
+        MODALITIES.append(name)
 
 # Source name -> module defining `make_builder(data_config, data_dir)`; imported on first use.
 SOURCES: dict[str, str] = {

@@ -21,6 +21,14 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """float32[N, M]: `s_ij = a_i . b_j / (|a_i| |b_j|)` of a float[N, D] and b float[M, D] (zero rows give 0)."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"cosine similarity of float[N, D] and float[M, D] arrays, got shapes {a.shape} and {b.shape}")
+    return _unit_rows(a) @ _unit_rows(b).T
+
+
 def label_ranks(embeddings: np.ndarray, labels: np.ndarray, class_embeddings: np.ndarray) -> np.ndarray:
     """0-based rank of each example's true class among all classes by cosine similarity: int[N].
 
@@ -36,7 +44,7 @@ def label_ranks(embeddings: np.ndarray, labels: np.ndarray, class_embeddings: np
         raise ValueError(f"labels must be int[{embeddings.shape[0]}] with N > 0, got shape {labels.shape}")
     if labels.min() < 0 or labels.max() >= class_embeddings.shape[0]:
         raise ValueError(f"labels must lie in [0, {class_embeddings.shape[0]}), got [{labels.min()}, {labels.max()}]")
-    similarity = _unit_rows(embeddings) @ _unit_rows(class_embeddings).T
+    similarity = cosine_similarity(embeddings, class_embeddings)
     true = np.take_along_axis(similarity, labels[:, None], axis=1)
     others = np.ones_like(similarity, bool)
     others[np.arange(len(labels)), labels] = False

@@ -11,6 +11,7 @@ on first use (importing one never loads the others); `register` adds your own:
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import ml_collections
@@ -20,6 +21,7 @@ from unialign_jax.configlib import ConfigError
 
 if TYPE_CHECKING:
     import jax
+    import numpy as np
 
     from unialign_jax.loop import JittedStep, StageSpec, TrainState
 
@@ -28,6 +30,22 @@ BUILTIN = {
     "unialign": "unialign_jax.methods.unialign.method",
 }
 _REGISTERED: dict[str, Method] = {}
+
+
+class Embedder(Protocol):
+    """A trained stage's encoders (`Method.embedder`), behind `unialign_jax.load`."""
+
+    modalities: tuple[str, ...]  # what `encode` accepts
+
+    def input_shape(self, modality: str) -> tuple[int, ...]:
+        """The per-example input shape of `modality`."""
+
+    def encode(self, modality: str, inputs: np.ndarray) -> dict[str, np.ndarray]:
+        """float32[N, *input_shape] -> {'embedding': float32[N, D], ...the method's extras, e.g. 'codes'}."""
+
+    def class_embeddings(self, modality: str, class_names: Sequence[str]) -> np.ndarray:
+        """float32[C, D] to classify `modality`'s embeddings by cosine similarity (zero-shot); raises
+        `inputs.InputError` saying why when the method cannot embed these names."""
 
 
 class Method(Protocol):
@@ -71,6 +89,19 @@ class Method(Protocol):
 
     def tokens_per_step(self, config: ml_collections.ConfigDict, stage: StageSpec, abstract_state: Any) -> int:
         """Tokens one step encodes (throughput)."""
+
+    def export_fields(self, config: ml_collections.ConfigDict) -> tuple[str, ...]:
+        """The TrainState fields `unialign_jax.export` writes (trained weights; no optimizer state)."""
+
+    def embedder(self, config: ml_collections.ConfigDict, stage: StageSpec, state: TrainState) -> Embedder:
+        """The encoders of a trained state (only its `export_fields` and `frozen` are read)."""
+
+    def backbone_source(self, config: ml_collections.ConfigDict) -> str:
+        """The frozen pretrained weights an export leaves out and needs back ('' when it keeps everything)."""
+
+    def frozen_backbone(self, config: ml_collections.ConfigDict, weights: str | None) -> dict:
+        """The `frozen` params an export left out, read from `weights` (None: the config's own source);
+        {} when `export_fields` holds `frozen`. Raises `inputs.InputError` naming the file."""
 
 
 def register(name: str, method: Method) -> None:

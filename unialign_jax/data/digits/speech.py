@@ -115,28 +115,34 @@ def is_test_recording(recording: Recording, held_out_speakers: tuple[str, ...]) 
     return recording.index in FSDD_TEST_INDICES
 
 
-def read_recording(path: pathlib.Path, sample_rate: int) -> np.ndarray:
-    """A mono wav file as float64 samples in [-1, 1]; checks the format and the sample rate."""
+def read_wav(path: pathlib.Path, description: str = "wav file") -> tuple[np.ndarray, int]:
+    """(mono samples float64 in [-1, 1], sample rate) of a wav file; errors name `description` and `path`."""
     try:
         with warnings.catch_warnings():  # unknown metadata chunks are skipped; real problems raise
             warnings.simplefilter("ignore", scipy.io.wavfile.WavFileWarning)
             rate, samples = scipy.io.wavfile.read(path)
     except (ValueError, OSError, EOFError) as error:
-        raise AudioInputError(f"FSDD recording {path}: unreadable wav file ({error})") from error
+        raise AudioInputError(f"{description} {path}: unreadable wav file ({error})") from error
+    if samples.ndim != 1:
+        raise AudioInputError(f"{description} {path}: {samples.shape[1]} channels, expected mono")
+    if samples.size == 0:
+        raise AudioInputError(f"{description} {path}: no samples")
+    if np.issubdtype(samples.dtype, np.integer):
+        info = np.iinfo(samples.dtype)
+        middle = (int(info.max) + int(info.min) + 1) / 2  # 128 for unsigned 8-bit, else 0
+        return (samples.astype(np.float64) - middle) / (info.max - middle), int(rate)
+    return samples.astype(np.float64), int(rate)
+
+
+def read_recording(path: pathlib.Path, sample_rate: int) -> np.ndarray:
+    """A mono FSDD wav file as float64 samples in [-1, 1]; checks the format and the sample rate."""
+    samples, rate = read_wav(path, "FSDD recording")
     if rate != sample_rate:
         raise AudioInputError(
             f"FSDD recording {path}: sample rate {rate} Hz, expected {sample_rate} Hz "
             "(data config field 'fsdd_sample_rate')"
         )
-    if samples.ndim != 1:
-        raise AudioInputError(f"FSDD recording {path}: {samples.shape[1]} channels, expected mono")
-    if samples.size == 0:
-        raise AudioInputError(f"FSDD recording {path}: no samples")
-    if np.issubdtype(samples.dtype, np.integer):
-        info = np.iinfo(samples.dtype)
-        middle = (int(info.max) + int(info.min) + 1) / 2  # 128 for unsigned 8-bit, else 0
-        return (samples.astype(np.float64) - middle) / (info.max - middle)
-    return samples.astype(np.float64)
+    return samples
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -121,7 +121,8 @@ def cmg_config(*, size: str, modalities: tuple[str, ...], data: str = "synthetic
 
     `size='reference'` has the reference's dimensions (CMG `pretrain.py`: video 10x7x7x512, audio
     10x128, text 10x768, codebook 400x256, batch 80, Adam 4e-4); `size='small'` trains on 2 CPU cores
-    in minutes. The caller adds `stages` (and `eval.data`).
+    in minutes. The caller adds `stages` (and `eval.data`), and the input shape of a modality without
+    a default one (a registered new modality: docs/adding_a_modality.md).
     """
     if size not in ("small", "reference"):
         raise ValueError(f"size must be 'small' or 'reference', got {size!r}.")
@@ -143,7 +144,7 @@ def cmg_config(*, size: str, modalities: tuple[str, ...], data: str = "synthetic
     c.profile = dict(start_step=10, num_steps=0)  # num_steps > 0: a JAX profiler trace into workdir/profile/
     c.model = dict(
         modalities=tuple(modalities),
-        input_shapes={m: tuple(shapes[m]) for m in modalities},
+        input_shapes={m: tuple(shapes[m]) for m in modalities if m in shapes},
         semantic_dim=256 if reference else 64,
         num_heads=4,
         ffn_dim=1024 if reference else 128,

@@ -32,13 +32,15 @@ from unialign_jax import eval as eval_lib
 from unialign_jax import optim
 from unialign_jax import report
 from unialign_jax.data import pipeline
+from unialign_jax.eval.batching import padded_chunks
 from unialign_jax.loop import StageSpec, TrainState, stage_specs
 from unialign_jax.methods.cmg import model as model_lib
 from unialign_jax.nn.cmg import CMGModel
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _encode_batch(model, variables: dict, batch: dict):
+def encode_batch(model, variables: dict, batch: dict):
+    """`CMGModel.encode_with_routing` of one batch, jitted once per model and batch shape."""
     return model.apply(variables, batch, method=CMGModel.encode_with_routing)
 
 
@@ -47,15 +49,11 @@ def encode_split(model, variables: dict, data: dict, modalities, batch_size: int
 
     Fixed-size (zero-padded) batches, so one compilation per model serves both splits.
     """
-    num = len(data["label"])
     codes = {m: [] for m in modalities}
     vectors = {m: [] for m in modalities}
     routing = {m: [] for m in modalities}
-    for start in range(0, num, batch_size):
-        chunk = {m: data[m][start : start + batch_size] for m in modalities}
-        size = len(chunk[modalities[0]])
-        padded = {m: np.concatenate([x, np.zeros((batch_size - size, *x.shape[1:]), x.dtype)]) for m, x in chunk.items()}
-        encoded, probs = jax.device_get(_encode_batch(model, variables, padded))
+    for padded, size in padded_chunks({m: data[m] for m in modalities}, batch_size):
+        encoded, probs = jax.device_get(encode_batch(model, variables, padded))
         for m in modalities:
             codes[m].append(encoded[m][0][:size])
             vectors[m].append(encoded[m][1][:size])

@@ -16,6 +16,7 @@ from unialign_jax import report
 from unialign_jax.loop import StageSpec, TrainState
 from unialign_jax.methods.cmg import config as config_lib
 from unialign_jax.methods.cmg import continual
+from unialign_jax.methods.cmg.embed import CMGEmbedder
 from unialign_jax.methods.cmg import evaluate
 from unialign_jax.methods.cmg import model as model_lib
 from unialign_jax.methods.cmg import step as step_lib
@@ -75,6 +76,23 @@ class CMGMethod:
         """Batch x time steps x modalities."""
         del abstract_state
         return config.batch_size * config.model.input_shapes[stage.modalities[0]][0] * len(stage.modalities)
+
+    def export_fields(self, config: ml_collections.ConfigDict) -> tuple[str, ...]:
+        """Every trained module (`frozen` holds the modules of modalities absent from the stage) and the
+        codebook; not the CLUB estimators, optimizer states or keys (training only)."""
+        del config
+        return ("params", "frozen", "quantizer")
+
+    def embedder(self, config: ml_collections.ConfigDict, stage: StageSpec, state: TrainState) -> CMGEmbedder:
+        return CMGEmbedder(config, stage, state)
+
+    def backbone_source(self, config: ml_collections.ConfigDict) -> str:
+        del config
+        return ""  # no pretrained backbone: an export holds every weight
+
+    def frozen_backbone(self, config: ml_collections.ConfigDict, weights: str | None) -> dict:
+        del config, weights
+        return {}  # nothing is left out of an export
 
 
 METHOD = CMGMethod()

@@ -18,6 +18,8 @@ The run writes the result through `report.write_summary` (one stage, the metrics
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import ml_collections
 import numpy as np
@@ -26,6 +28,7 @@ from unialign_jax import eval as eval_lib
 from unialign_jax import optim
 from unialign_jax import report
 from unialign_jax.data import pipeline
+from unialign_jax.eval.batching import padded_chunks
 from unialign_jax.eval import zero_shot
 from unialign_jax.loop import StageSpec, TrainState
 from unialign_jax.methods.unialign import config as config_lib
@@ -33,21 +36,20 @@ from unialign_jax.methods.unialign import label_embeddings as label_lib
 from unialign_jax.nn.unialign import modality_router_probabilities
 
 
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def encode_batch(model, params: dict, inputs: jax.Array, modality: str) -> tuple[jax.Array, jax.Array]:
+    """(embeddings [B, D], router probabilities [adapters, B, L, experts]) of one batch of a modality,
+    jitted once per model, modality and batch shape."""
+    outputs, state = model.apply({"params": params}, inputs, modality, mutable=["intermediates"])
+    return outputs["embedding"], modality_router_probabilities(state["intermediates"])
+
+
 def encode(model, params: dict, inputs: np.ndarray, modality: str, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """(embeddings float[N, D], router probabilities float[tokens x adapters, experts]) of one modality,
     in chunks of `batch_size` (the last one padded), so the model compiles once per modality."""
-
-    @jax.jit
-    def forward(x):
-        outputs, state = model.apply({"params": params}, x, modality, mutable=["intermediates"])
-        return outputs["embedding"], modality_router_probabilities(state["intermediates"])
-
     embeddings, probabilities = [], []
-    for start in range(0, len(inputs), batch_size):
-        chunk = inputs[start : start + batch_size]
-        size = len(chunk)
-        padded = np.concatenate([chunk, np.zeros((batch_size - size, *chunk.shape[1:]), chunk.dtype)])
-        embedding, routing = jax.device_get(forward(padded))
+    for padded, size in padded_chunks({"inputs": inputs}, batch_size):
+        embedding, routing = jax.device_get(encode_batch(model, params, padded["inputs"], modality))
         embeddings.append(embedding[:size])
         probabilities.append(routing[:, :size].reshape(-1, routing.shape[-1]))
     return np.concatenate(embeddings), np.concatenate(probabilities)

