@@ -43,13 +43,14 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-MODALITIES = ("video", "audio", "text", "image", "speech", "depth", "points")
+MODALITIES = ("video", "audio", "text", "image", "speech", "depth", "points", "printed")
 """Every modality name the project knows, in canonical order."""
 
 # Source name -> module defining `make_builder(data_config, data_dir)`; imported on first use.
 SOURCES: dict[str, str] = {
     "synthetic": "unialign_jax.data.synthetic",
     "digits": "unialign_jax.data.digits",
+    "numbers": "unialign_jax.data.numbers",
     "features": "unialign_jax.data.features",
 }
 
