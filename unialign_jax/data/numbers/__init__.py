@@ -6,6 +6,12 @@ instances; `words` (label words), `captions` and `builder` (the tfds builder, wh
 the data config fields and layouts). Read it through `unialign_jax.data.pipeline`.
 """
 
-from unialign_jax.data.numbers.builder import DEFAULT_CONCEPTS, Numbers, NumbersConfig, default_config, make_builder
+from unialign_jax.data.numbers.builder import (
+    DEFAULT_CONCEPTS,
+    Numbers,
+    NumbersConfig,
+    default_config,
+    make_builder,
+)
 
 __all__ = ["DEFAULT_CONCEPTS", "Numbers", "NumbersConfig", "default_config", "make_builder"]

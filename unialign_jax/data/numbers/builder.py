@@ -80,7 +80,7 @@ from unialign_jax.data.pipeline import SPLITS, LocalBuilder, LocalDatasetInfo
 logger = logging.getLogger(__name__)
 
 DEFAULT_CONCEPTS = {  # partially overlapping: 0-19 handwritten only, 80-99 printed only
-    "handwritten": tuple(range(0, 60)),
+    "handwritten": tuple(range(60)),
     "spoken": tuple(range(20, 80)),
     "printed": tuple(range(40, 100)),
 }
