@@ -8,10 +8,11 @@ the data config fields and layouts). Read it through `unialign_jax.data.pipeline
 
 from unialign_jax.data.numbers.builder import (
     DEFAULT_CONCEPTS,
+    MODALITY_DATASETS,
     Numbers,
     NumbersConfig,
     default_config,
     make_builder,
 )
 
-__all__ = ["DEFAULT_CONCEPTS", "Numbers", "NumbersConfig", "default_config", "make_builder"]
+__all__ = ["DEFAULT_CONCEPTS", "MODALITY_DATASETS", "Numbers", "NumbersConfig", "default_config", "make_builder"]

@@ -16,7 +16,7 @@ Datasets (T = seq_len; labels keep their value 0-99 in every concept subset; nam
                                                      drifting and turning into an F x 2F frame
                                                      (F = video_frame_size; `digits.handwriting.drift_in_clip`)
                  label names '0' ... '99'             group: the form (index block) of the digits
-    spoken       audio float32[T, num_mel_bins]      espeak-ng number words ('forty-seven') in 20 voices at
+    spoken       audio float32[T, num_mel_bins]      espeak-ng number words ('forty-seven') in 16 voices at
                                                      random rates and pitches, FSDD for 0-9 with `fsdd_dir`
                                                      (`spoken`); log-mel as `digits`
                  label names 'zero' ... 'ninety-nine' group: the voice or the FSDD speaker
@@ -84,6 +84,8 @@ DEFAULT_CONCEPTS = {  # partially overlapping: 0-19 handwritten only, 80-99 prin
     "spoken": tuple(range(20, 80)),
     "printed": tuple(range(40, 100)),
 }
+MODALITY_DATASETS = {"image": "handwritten", "video": "handwritten", "audio": "spoken", "printed": "printed"}
+"""The dataset that provides each modality (text: every dataset, as the captions of its instances)."""
 _COMMON_FIELDS = ("seq_len", "train_per_concept", "test_per_concept", "seed")
 _DATASET_FIELDS = {
     "handwritten": ("image_width", "video_frame_size"),
@@ -320,6 +322,11 @@ def render_sources(config: NumbersConfig, examples: Sequence[PlannedExample]) ->
     """{(modality, source key): float32[T, ...]} for each distinct thing to render in `examples`."""
     steps = config.param("seq_len")
     rendered = {}
+    by_number = {}  # espeak-ng renderings, one group per (split, number) in plan order
+    for example in examples:
+        if isinstance(example.source, spoken.Utterance):
+            by_number.setdefault(example.entropy[:3], {})[example.source] = None
+    speech_samples, speech_rate = spoken.render([tuple(group) for group in by_number.values()]) if by_number else ({}, 0)
     for example in examples:
         for modality, source in _modality_sources(config, example):
             key = (modality, source)
@@ -334,7 +341,11 @@ def render_sources(config: NumbersConfig, examples: Sequence[PlannedExample]) ->
                 rendered[key] = handwriting.drift_in_clip(handwritten.number_image(digits), steps, (size, 2 * size),
                                                           np.random.default_rng(entropy))
             elif modality == "audio":
-                waveform, rate = spoken.waveform(source, config.param("fsdd_sample_rate"))
+                if isinstance(source, speech.Recording):
+                    waveform, rate = speech.read_recording(source.path, config.param("fsdd_sample_rate")), config.param(
+                        "fsdd_sample_rate")
+                else:
+                    waveform, rate = speech_samples[source], speech_rate
                 rendered[key] = pooled_log_mel(waveform, rate, steps, num_mel_bins=config.param("num_mel_bins"))
             else:
                 canvas = printed.render(source, config.param("printed_size"))

@@ -135,6 +135,7 @@ def base_config(arg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         dir="teachers",
         auto_train=False,
         dims={},
+        data={},  # {modality: data config} the teacher trains on; missing: the student's own data
         steps=600,
         learning_rate=1e-3,
         hidden_dim=256,
