@@ -3,7 +3,7 @@
 The paper distils from partial-modal foundation models (ULIP for points, ViT-Lens for depth,
 ONE-PEACE for audio and video), with their features cached offline. Here each teacher is a small
 modality<->text model trained on its own modality only, on `teachers.data[m]` (a dataset the student
-never reads, e.g. more concepts and sources; default: the student's own training data), against the
+never reads, e.g. more concepts or other instances; default: the student's own training data), against the
 same frozen text anchors the student uses (`config.loss.nce_anchor`: captions or class labels):
 
     teacher_m(x) = normalize(MLP(flatten(x)))          (LayerNorm, two GELU layers of `hidden_dim`)
@@ -79,8 +79,9 @@ def _anchors(config, data: dict, label_embeddings: np.ndarray) -> np.ndarray:
 
 
 def teacher_data(config: ml_collections.ConfigDict, modality: str) -> ml_collections.ConfigDict:
-    """The dataset a modality's teacher trains on: `teachers.data[modality]`, else the student's."""
-    return config.teachers.data.get(modality) or config.stages[0].data[modality]
+    """The dataset a modality's teacher trains on: `teachers.data[modality]` (an optional field, absent
+    from `base_config` so that earlier workdirs' configs still match), else the student's."""
+    return (config.teachers.get("data") or {}).get(modality) or config.stages[0].data[modality]
 
 
 def train_teacher(config: ml_collections.ConfigDict, modality: str, label_embeddings: np.ndarray) -> dict:
@@ -90,6 +91,9 @@ def train_teacher(config: ml_collections.ConfigDict, modality: str, label_embedd
     train = pipeline.load_split(teacher_data(config, modality), "train", modalities=fields)
     student = pipeline.load_split(config.stages[0].data[modality], "train", modalities=fields)
     test = pipeline.load_split(config.eval.data[modality], "test", modalities=(modality,))
+    if train[modality].shape[1:] != student[modality].shape[1:]:
+        raise ValueError(f"config.teachers.data.{modality}: {modality} of shape {train[modality].shape[1:]}, the "
+                         f"student's is {student[modality].shape[1:]}; the teacher must read the student's inputs.")
     targets = _anchors(config, train, label_embeddings)
     teachers = config.teachers
     dim = int(teachers.dims[modality])
