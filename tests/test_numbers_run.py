@@ -6,11 +6,13 @@ import io
 import numpy as np
 import pytest
 from etils import epath
-
 from tiny import tiny_continual_config
 from tiny_unialign import tiny_unialign_config
+
 from unialign_jax import configlib, train
+from unialign_jax.configlib import ConfigError
 from unialign_jax.data import pipeline
+from unialign_jax.methods.cmg import config as cmg_config
 from unialign_jax.methods.unialign import teachers
 
 STEPS = 4  # seq_len of the tiny builds
@@ -45,9 +47,9 @@ def test_comet_trains_and_evaluates_over_unpaired_numbers_datasets(data_dir, tmp
         assert 0.0 <= metrics[f"retrieval/{pair}/R@1"] <= 1.0
     assert "forgetting/classification/audio->text" in metrics
 
-    config.eval.paired = True  # rows of different datasets are not instance pairs
-    with pytest.raises(ValueError, match="paired"):
-        train.run(config, str(tmp_path / "paired"))
+    config.eval.paired = True  # rows of different datasets are not instance pairs: refused before training
+    with pytest.raises(ConfigError, match="paired"):
+        cmg_config.validate(config)
 
 
 def test_unialign_trains_with_own_label_words_and_teachers_of_another_width(data_dir, tmp_path):

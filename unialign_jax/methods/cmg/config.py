@@ -80,6 +80,11 @@ def validate(config: ml_collections.ConfigDict, dataset_modalities=pipeline.data
             f"{total_codes} codes the stages add; raise it (growth beyond capacity reallocates, but the "
             "capacity should be planned)."
         )
+    eval_data = config.eval.data
+    if eval_data is not None and "name" not in eval_data:  # {modality: data config}: unpaired datasets
+        if config.eval.paired and len({d.to_json(sort_keys=True) for d in eval_data.values()}) > 1:
+            raise ConfigError("config.eval.paired is set but config.eval.data reads the modalities from different "
+                              "datasets, whose rows are not instance pairs: set config.eval.paired=False.")
     if config.batch_size % max(1, config.get("num_processes", 1)) != 0:
         raise ConfigError(f"config.batch_size={config.batch_size} must divide evenly across processes.")
 

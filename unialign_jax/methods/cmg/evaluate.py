@@ -71,9 +71,6 @@ def evaluate_stage(config: ml_collections.ConfigDict, stage: StageSpec, state: T
     groups = {}  # modalities read from one dataset are loaded and encoded together
     for modality, data_config in datasets.items():
         groups.setdefault(data_config.to_json(sort_keys=True), (data_config, []))[1].append(modality)
-    if config.eval.paired and len(groups) > 1:
-        raise ValueError("config.eval.paired is set but config.eval.data reads the modalities from different "
-                         "datasets, whose rows are not instance pairs: set config.eval.paired=False.")
     model, _ = model_lib.build_models(config, stage)
     variables = {"params": optim.merge_params(state.params, state.frozen), "quantizer": state.quantizer}
     splits = {}
