@@ -33,10 +33,10 @@ def data_dir(tmp_path_factory):
 def test_comet_trains_and_evaluates_over_unpaired_numbers_datasets(data_dir, tmp_path):
     config = tiny_continual_config(str(data_dir), steps=2)
     config.model.input_shapes = {"audio": (STEPS, 40), "text": (STEPS, 384), "image": (STEPS, 16)}
-    config.stages[0].data = tiny_numbers(data_dir, "spoken", concepts=(3, 7, 47))
-    config.stages[1].data = tiny_numbers(data_dir, "handwritten", concepts=(7, 47, 90))
-    spoken, handwritten = tiny_numbers(data_dir, "spoken"), tiny_numbers(data_dir, "handwritten")
-    config.eval.data = {"audio": spoken, "text": spoken, "image": handwritten}
+    spoken = tiny_numbers(data_dir, "spoken", concepts=(3, 7, 47))
+    handwritten = tiny_numbers(data_dir, "handwritten", concepts=(7, 47, 90))
+    config.stages[0].data, config.stages[1].data = spoken, handwritten
+    config.eval.data = {"audio": spoken, "text": spoken, "image": handwritten}  # few builds: the stages' own
     config.eval.paired = False
     config.eval.head_steps = 5
     first, second = train.run(config, str(tmp_path / "run"))
