@@ -34,8 +34,8 @@ ENCODED = ("image", "video", "audio", "printed")
 HELD_OUT_DIGIT = {"handwritten": 5, "spoken": 8, "printed": 2}  # e.g. handwritten trains without 5, 15, ..., 55
 TEACHER_DIM = 256
 TEACHER_SEED_OFFSET = 1000
-MINILM = dict(width=384, depth=6, num_heads=12, mlp_dim=1536, norm_position="post", activation="gelu",
-              layer_norm_epsilon=1e-12)
+MINILM = {"width": 384, "depth": 6, "num_heads": 12, "mlp_dim": 1536, "norm_position": "post", "activation": "gelu",
+              "layer_norm_epsilon": 1e-12}
 
 
 def student_data(dataset: str, seed: int) -> ml_collections.ConfigDict:
@@ -54,9 +54,9 @@ def get_config(arg=None):
     config.model.backbone = "bert"
     config.model.backbone_weights = "minilm"
     config.model.transformer = dict(MINILM)
-    config.model.tokenizers = {m: dict(kind="features") for m in ENCODED}
+    config.model.tokenizers = {m: {"kind": "features"} for m in ENCODED}
     config.model.embed_dim = 384
-    config.accumulation = dict(steps=1, micro_batch_sizes={m: 32 for m in ENCODED})
+    config.accumulation = {"steps": 1, "micro_batch_sizes": {m: 32 for m in ENCODED}}
     config.batch_size = 32 * len(ENCODED)
     config.optim.learning_rate = 1e-3  # the paper's 2e-4 is for 100 epochs at batch 2048
     config.optim.warmup_steps = 30

@@ -135,7 +135,7 @@ def test_handwritten_numbers_are_two_sklearn_digits_of_one_form_side_by_side(dat
 
 
 def test_printed_numbers_differ_by_font_and_hold_ink():
-    base = dict(number=47, scale=0.8, angle=0.0, shift=(0.0, 0.0), noise_seed=(0,))
+    base = {"number": 47, "scale": 0.8, "angle": 0.0, "shift": (0.0, 0.0), "noise_seed": (0,)}
     sans, serif = (printed.render(printed.Rendering(font=f, **base), 16) for f in ("DejaVuSans", "cmr10"))
     blank = printed.render(printed.Rendering(number=47, font="DejaVuSans", scale=0.01, angle=0.0, shift=(0.0, 0.0),
                                              noise_seed=(0,)), 16)
