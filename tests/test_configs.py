@@ -28,7 +28,8 @@ def load(name: str, arg: str | None = None):
 @pytest.mark.parametrize("name, arg", [
     ("cmg_avt", None), ("cmg_avt", "modalities=audio+text"), ("cmg_avt", "size=reference,data=synthetic"),
     ("comet_vt_at_it", None), ("comet_vt_at_it", "pm=false,moe=false,seed=2"), ("comet_at_vt_it", None),
-    ("comet_vt_st_at", None), ("dcid_vt_at_it", None),
+    ("comet_vt_st_at", None), ("dcid_vt_at_it", None), ("comet_vt_at_it", "data=numbers"),
+    ("dcid_vt_at_it", "data=numbers"), ("comet_at_vt_it", "data=numbers"),
 ])
 def test_config_builds_and_validates(name, arg):
     config = load(name, arg)
@@ -40,6 +41,29 @@ def test_speech_falls_back_to_the_synthetic_world_and_digits_is_the_default():
     assert load("comet_vt_st_at").stages[1].data.name == "synthetic"
     assert {s.data.name for s in load("comet_vt_at_it").stages} == {"digits"}
     assert load("dcid_vt_at_it").model.adapter_experts == 0
+
+
+def test_numbers_stages_bring_new_concept_windows_from_each_modality_dataset():
+    config = load("comet_vt_at_it", "data=numbers")
+    assert [(s.data.dataset, s.data.concepts[0], s.data.concepts[-1], len(s.data.concepts)) for s in config.stages] == [
+        ("handwritten", 0, 39, 40), ("spoken", 30, 69, 40), ("handwritten", 60, 99, 40)]
+    assert {m: d.dataset for m, d in config.eval.data.items()} == {
+        "video": "handwritten", "text": "handwritten", "audio": "spoken", "image": "handwritten"}
+    assert all(d.concepts == tuple(range(100)) for d in config.eval.data.values()) and not config.eval.paired
+    assert load("comet_vt_st_at", "data=numbers").stages[1].data.name == "synthetic"  # numbers has no speech
+
+
+def test_unialign_numbers_config_holds_out_concepts_and_trains_teachers_elsewhere():
+    config = load("unialign_numbers")
+    ua_config.validate(config)
+    data = config.stages[0].data
+    assert {m: data[m].dataset for m in ("image", "video", "audio", "printed")} == {
+        "image": "handwritten", "video": "handwritten", "audio": "spoken", "printed": "printed"}
+    assert data["audio"].concepts["test"] == tuple(range(20, 80))
+    assert data["audio"].concepts["train"] == tuple(n for n in range(20, 80) if n % 10 != 8)
+    assert set(config.teachers.dims.values()) == {256} != {config.model.embed_dim}
+    for modality, teacher_data in config.teachers.data.items():
+        assert teacher_data.concepts == tuple(range(100)) and teacher_data.seed != data[modality].seed
 
 
 def test_bad_arg_strings_name_the_problem():

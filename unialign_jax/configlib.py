@@ -100,6 +100,27 @@ def digits_shapes() -> dict[str, tuple[int, ...]]:
     return pipeline.feature_shapes(digits_data())
 
 
+def numbers_data(dataset: str, *, concepts=None, seed: int = 0) -> ml_collections.ConfigDict:
+    """One dataset of the numbers benchmark ('handwritten', 'spoken', 'printed'): its default concept
+    range, or `concepts` (a sequence, or {split: sequence})."""
+    from unialign_jax.data import numbers
+
+    config = numbers.default_config(dataset)
+    config.concepts = concepts
+    config.seed = seed
+    return config
+
+
+@functools.cache
+def numbers_shapes() -> dict[str, tuple[int, ...]]:
+    """The numbers benchmark's per-example feature shapes at its default settings (nothing is built):
+    image, video (handwritten), audio (spoken), printed, and text (every dataset's captions)."""
+    shapes = {}
+    for dataset in ("handwritten", "spoken", "printed"):
+        shapes.update(pipeline.feature_shapes(numbers_data(dataset)))
+    return {m: shapes[m] for m in MODALITIES if m in shapes}
+
+
 def features_data(dataset: str) -> ml_collections.ConfigDict:
     """A user's pre-extracted features, converted by `python -m unialign_jax.data.convert --name=...`."""
     from unialign_jax.data import features

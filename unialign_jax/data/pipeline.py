@@ -44,7 +44,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-MODALITIES = ["video", "audio", "text", "image", "speech", "depth", "points"]
+MODALITIES = ["video", "audio", "text", "image", "speech", "depth", "points", "printed"]
 """Every modality name the project knows, in canonical order; `register_modality` appends yours."""
 
 
@@ -60,6 +60,7 @@ def register_modality(name: str) -> None:
 SOURCES: dict[str, str] = {
     "synthetic": "unialign_jax.data.synthetic",
     "digits": "unialign_jax.data.digits",
+    "numbers": "unialign_jax.data.numbers",
     "features": "unialign_jax.data.features",
 }
 

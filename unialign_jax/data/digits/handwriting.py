@@ -63,21 +63,32 @@ def digit_clip(image: np.ndarray, num_frames: int, frame_size: int, rng: np.rand
     Returns:
         float32[num_frames, frame_size * frame_size]: each frame's pixels, row-major, in [0, 1].
     """
+    return drift_in_clip(image, num_frames, (frame_size, frame_size), rng)
+
+
+def drift_in_clip(image: np.ndarray, num_frames: int, frame_shape: tuple[int, int],
+                  rng: np.random.Generator) -> np.ndarray:
+    """`digit_clip` for an image of any shape: frames of `frame_shape` (rows, columns), which should
+    have the image's aspect ratio (the last frame shows the whole image, upright, filling the frame).
+
+    Returns:
+        float32[num_frames, rows * columns]: each frame's pixels, row-major, in [0, 1].
+    """
+    rows, columns = frame_shape
     start_scale = rng.uniform(*START_SCALE_RANGE)
-    start_shift = rng.uniform(-START_SHIFT_FRACTION, START_SHIFT_FRACTION, size=2) * frame_size
+    start_shift = rng.uniform(-START_SHIFT_FRACTION, START_SHIFT_FRACTION, size=2) * np.array(frame_shape)
     start_angle = np.deg2rad(rng.uniform(-START_ANGLE_DEGREES, START_ANGLE_DEGREES))
     progress = np.linspace(0.0, 1.0, num_frames)[:, None, None]
     scale = start_scale + (1.0 - start_scale) * progress  # [T, 1, 1]
     angle = start_angle * (1.0 - progress)
     shift = start_shift[:, None, None, None] * (1.0 - progress)  # [2, T, 1, 1]
 
-    # Output pixel (y, x) -> digit pixel: undo the shift, rotation and scale about the frame centre.
-    frame_center, image_center = (frame_size - 1) / 2, (image.shape[0] - 1) / 2
-    y, x = np.meshgrid(np.arange(frame_size), np.arange(frame_size), indexing="ij")
-    dy, dx = y - frame_center - shift[0], x - frame_center - shift[1]
+    # Output pixel (y, x) -> image pixel: undo the shift, rotation and scale about the frame centre.
+    y, x = np.meshgrid(np.arange(rows), np.arange(columns), indexing="ij")
+    dy, dx = y - (rows - 1) / 2 - shift[0], x - (columns - 1) / 2 - shift[1]
     cos, sin = np.cos(angle), np.sin(angle)
-    pixels_per_frame_pixel = image.shape[0] / (frame_size * scale)
-    source_y = (cos * dy + sin * dx) * pixels_per_frame_pixel + image_center
-    source_x = (-sin * dy + cos * dx) * pixels_per_frame_pixel + image_center
+    pixels_per_frame_pixel = image.shape[0] / (rows * scale)
+    source_y = (cos * dy + sin * dx) * pixels_per_frame_pixel + (image.shape[0] - 1) / 2
+    source_x = (-sin * dy + cos * dx) * pixels_per_frame_pixel + (image.shape[1] - 1) / 2
     frames = scipy.ndimage.map_coordinates(image, np.stack([source_y, source_x]), order=1, mode="constant", cval=0.0)
-    return np.clip(frames, 0.0, 1.0).reshape(num_frames, frame_size * frame_size).astype(np.float32)
+    return np.clip(frames, 0.0, 1.0).reshape(num_frames, rows * columns).astype(np.float32)

@@ -187,18 +187,24 @@ class EspeakSynthesizer:
 
     def render(self, utterance: EspeakUtterance) -> np.ndarray:
         """The utterance as float64 samples in [-1, 1] at `self.sample_rate` (22,050 Hz)."""
+        return self.render_text(DIGIT_WORDS[utterance.digit], utterance.voice, utterance.rate, utterance.pitch)
+
+    def render_text(self, text: str, voice: str, rate: int, pitch: int) -> np.ndarray:
+        """`text` spoken by `voice` at `rate` words per minute and `pitch` (0-100), as float64 samples in
+        [-1, 1] at `self.sample_rate`."""
         with self._lock:
             self._chunks = []
-            if self._library.espeak_SetVoiceByName(utterance.voice.encode()) != 0:
-                raise ValueError(f"espeak-ng has no voice {utterance.voice!r}")
-            self._library.espeak_SetParameter(self._RATE, utterance.rate, 0)
-            self._library.espeak_SetParameter(self._PITCH, utterance.pitch, 0)
-            text = DIGIT_WORDS[utterance.digit].encode()
-            self._library.espeak_Synth(text, len(text) + 1, 0, self._POS_CHARACTER, 0, self._CHARS_AUTO, None, None)
+            if self._library.espeak_SetVoiceByName(voice.encode()) != 0:
+                raise ValueError(f"espeak-ng has no voice {voice!r}")
+            self._library.espeak_SetParameter(self._RATE, rate, 0)
+            self._library.espeak_SetParameter(self._PITCH, pitch, 0)
+            encoded = text.encode()
+            self._library.espeak_Synth(encoded, len(encoded) + 1, 0, self._POS_CHARACTER, 0, self._CHARS_AUTO,
+                                       None, None)
             self._library.espeak_Synchronize()
             chunks = self._chunks
         if not chunks:
-            raise RuntimeError(f"espeak-ng rendered no audio for {utterance.name}")
+            raise RuntimeError(f"espeak-ng rendered no audio for {text!r} ({voice}, rate={rate}, pitch={pitch})")
         return np.concatenate(chunks).astype(np.float64) / 32768.0
 
 

@@ -14,7 +14,7 @@ Input layouts (one path per split; any split names, the trainer reads 'train'):
 1. Stacked arrays: an `.npz` file, an `.h5`/`.hdf5` file (needs h5py; top-level datasets) or a
    folder of `.npy` files (memory-mapped), holding
        <modality>    float[N, T, D] or float[N, T, H, W, C], modality names from
-                     `pipeline.MODALITIES` (video, audio, text, image, speech, depth, points)
+                     `pipeline.MODALITIES` (video, audio, text, image, speech, depth, points, printed)
        label         int[N], class ids >= 0
        id            [N] pair ids: strings (fixed-width, not pickled objects) or integers
        step_labels   optional int[N, T], per-step classes (default: `label` at every step)

@@ -80,6 +80,11 @@ def validate(config: ml_collections.ConfigDict, dataset_modalities=pipeline.data
             f"{total_codes} codes the stages add; raise it (growth beyond capacity reallocates, but the "
             "capacity should be planned)."
         )
+    eval_data = config.eval.data
+    if eval_data is not None and "name" not in eval_data:  # {modality: data config}: unpaired datasets
+        if config.eval.paired and len({d.to_json(sort_keys=True) for d in eval_data.values()}) > 1:
+            raise ConfigError("config.eval.paired is set but config.eval.data reads the modalities from different "
+                              "datasets, whose rows are not instance pairs: set config.eval.paired=False.")
     if config.batch_size % max(1, config.get("num_processes", 1)) != 0:
         raise ConfigError(f"config.batch_size={config.batch_size} must divide evenly across processes.")
 
@@ -106,12 +111,13 @@ SMALL_SHAPES = {
 
 
 def resolve_data(name: str, modalities: tuple[str, ...]) -> str:
-    """`name`, or 'synthetic' when the digits data lacks one of `modalities` (e.g. speech)."""
-    if name not in ("synthetic", "digits", "features"):
-        raise ValueError(f"data={name!r}: choose data=digits, data=synthetic or data=features.")
-    missing = [m for m in modalities if name == "digits" and m not in configlib.digits_shapes()]
+    """`name`, or 'synthetic' when the digits or numbers data lacks one of `modalities` (e.g. speech)."""
+    if name not in ("synthetic", "digits", "numbers", "features"):
+        raise ValueError(f"data={name!r}: choose data=digits, data=numbers, data=synthetic or data=features.")
+    shapes = {"digits": configlib.digits_shapes, "numbers": configlib.numbers_shapes}.get(name)
+    missing = [m for m in modalities if shapes and m not in shapes()]
     if missing:
-        print(f"data=digits has no {missing}; using the synthetic world for this config.")
+        print(f"data={name} has no {missing}; using the synthetic world for this config.")
         return "synthetic"
     return name
 
@@ -128,7 +134,7 @@ def cmg_config(*, size: str, modalities: tuple[str, ...], data: str = "synthetic
         raise ValueError(f"size must be 'small' or 'reference', got {size!r}.")
     reference = size == "reference"
     # Pre-extracted features come at the reference dimensions of the paper's extractors.
-    shapes = (configlib.digits_shapes() if data == "digits" else
+    shapes = (configlib.digits_shapes() if data == "digits" else configlib.numbers_shapes() if data == "numbers" else
               REFERENCE_SHAPES if reference or data == "features" else SMALL_SHAPES)
     c = ml_collections.ConfigDict()
     c.method = "cmg"
@@ -196,6 +202,10 @@ def cmg_config(*, size: str, modalities: tuple[str, ...], data: str = "synthetic
     return c
 
 
+# data=numbers: stages over the integers 0-99 in windows of 40 that move by 30 (0-39, 30-69, 60-99).
+NUMBERS_CONCEPTS, NUMBERS_WINDOW, NUMBERS_SHIFT = 100, 40, 30
+
+
 def concept_windows(num_stages: int, num_concepts: int = 10, width: int = 6, shift: int = 2) -> list[tuple[int, ...]]:
     """Partially overlapping class subsets, one per stage: later stages bring new semantics."""
     return [tuple(sorted((i * shift + j) % num_concepts for j in range(width))) for i in range(num_stages)]
@@ -205,8 +215,11 @@ def continual_config(arg: str | None, pairs: list[tuple[str, str]], *, mediator:
                      comet: bool = True) -> ml_collections.ConfigDict:
     """COMET (or the DCID baseline) over bimodal stages linked by `mediator`.
 
-    Arg string: `data=digits|synthetic|features` (digits, the default, falls back to the synthetic
-    world for modalities it lacks, e.g. speech; `features` reads the user's converted datasets at the
+    Arg string: `data=digits|numbers|synthetic|features` (digits, the default, and numbers fall back to
+    the synthetic world for modalities they lack, e.g. speech; numbers: each stage reads the dataset of
+    its non-mediator modality (video, image: handwritten; audio: spoken; printed) over its window of
+    `NUMBERS_WINDOW` of the 100 concepts, evaluation reads each modality's dataset over all 100 (text:
+    the first stage's captions); `features` reads the user's converted datasets at the
     reference dimensions: `datasets=vatex+audiocaps+flickr` one per stage, `eval_dataset=NAME`),
     `size=small|reference`, `seed=N`, `steps=N` (per stage), and the
     COMET switches of the paper's ablation (Table 6), each `true|false`: `pm` (Pseudo-Modality
@@ -237,7 +250,8 @@ def continual_config(arg: str | None, pairs: list[tuple[str, str]], *, mediator:
         config.continual.ewc_extra = (rf"^semantic_encoder_{mediator}/",)
     steps = arg.steps or (3000 if reference else 400)
     shapes = dict(config.model.input_shapes)
-    windows = concept_windows(len(pairs))
+    windows = (concept_windows(len(pairs), NUMBERS_CONCEPTS, NUMBERS_WINDOW, NUMBERS_SHIFT) if data_name == "numbers"
+               else concept_windows(len(pairs)))
     config.stages = []
     for index, (pair, concepts) in enumerate(zip(pairs, windows)):
         rows = (first_rows if comet else total_rows) if index == 0 else (later_rows if comet else 0)
@@ -245,6 +259,8 @@ def continual_config(arg: str | None, pairs: list[tuple[str, str]], *, mediator:
             data = configlib.digits_data(classes=concepts, seed=arg.seed)
         elif data_name == "features":
             data = configlib.features_data(_stage_datasets(arg.datasets, len(pairs))[index])
+        elif data_name == "numbers":
+            data = configlib.numbers_data(_numbers_dataset(pair, mediator), concepts=concepts, seed=arg.seed)
         else:
             data = configlib.synthetic_data(pair, shapes, concepts=concepts, seed=arg.seed)
         name = "_".join(pair)
@@ -257,9 +273,24 @@ def continual_config(arg: str | None, pairs: list[tuple[str, str]], *, mediator:
         config.eval.data = configlib.features_data(arg.eval_dataset)
     elif data_name == "digits":
         config.eval.data = configlib.digits_data(seed=arg.seed)
+    elif data_name == "numbers":  # one dataset per modality, every concept; text: the first stage's captions
+        first = _numbers_dataset(pairs[0], mediator)
+        config.eval.data = {
+            m: configlib.numbers_data(first if m == mediator else _numbers_dataset((m,), mediator),
+                                      concepts=tuple(range(NUMBERS_CONCEPTS)), seed=arg.seed)
+            for m in modalities
+        }
     else:
         config.eval.data = configlib.synthetic_data(modalities, shapes, seed=arg.seed)
     return config
+
+
+def _numbers_dataset(pair: tuple[str, ...], mediator: str) -> str:
+    """The numbers dataset of a stage: the one providing its modality other than the mediator (text)."""
+    from unialign_jax.data import numbers  # pylint: disable=import-outside-toplevel
+
+    (modality,) = [m for m in pair if m != mediator]
+    return numbers.MODALITY_DATASETS[modality]
 
 
 def _stage_datasets(datasets: str, num_stages: int) -> list[str]:

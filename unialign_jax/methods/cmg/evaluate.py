@@ -81,37 +81,45 @@ def evaluate_stage(config: ml_collections.ConfigDict, stage: StageSpec, state: T
     """Scores every pair of the modalities learned up to `stage` (and the forgetting since `history`,
     the results of the earlier stages); writes the code-usage and accuracy-matrix plots into
     `results_dir`; returns the stage's result."""
-    available = pipeline.dataset_modalities(config.eval.data)
-    modalities = tuple(m for m in stage.seen_modalities if m in available)
+    datasets = eval_datasets(config.eval.data, stage.seen_modalities)
+    modalities = tuple(datasets)
     if len(modalities) < 2:
-        raise ValueError(f"config.eval.data provides {available}: fewer than two of the learned modalities "
+        raise ValueError(f"config.eval.data provides {modalities}: fewer than two of the learned modalities "
                          f"{stage.seen_modalities} to evaluate.")
+    groups = {}  # modalities read from one dataset are loaded and encoded together
+    for modality, data_config in datasets.items():
+        groups.setdefault(data_config.to_json(sort_keys=True), (data_config, []))[1].append(modality)
     model, _ = model_lib.build_models(config, stage)
     variables = {"params": optim.merge_params(state.params, state.frozen), "quantizer": state.quantizer}
     splits = {}
     for split in ("train", "test"):
-        data = pipeline.load_split(config.eval.data, split, modalities=modalities,
-                                   max_examples=config.eval.max_examples)
-        codes, vectors, routing = encode_split(model, variables, data, modalities, config.eval.batch_size)
-        splits[split] = (data, codes, vectors, routing)
-
-    def labelled(split):
-        data, _, vectors, _ = splits[split]
-        return {m: eval_lib.LabelledFeatures(vectors[m], data["label"], data["step_labels"]) for m in modalities}
+        labelled, vectors, codes, routing = {}, {}, {}, {}
+        for data_config, group in groups.values():
+            group = tuple(group)
+            data = pipeline.load_split(data_config, split, modalities=group, max_examples=config.eval.max_examples)
+            group_codes, group_vectors, group_routing = encode_split(model, variables, data, group,
+                                                                     config.eval.batch_size)
+            codes.update(group_codes)
+            vectors.update(group_vectors)
+            routing.update(group_routing)
+            labelled.update({m: eval_lib.LabelledFeatures(group_vectors[m], data["label"], data["step_labels"])
+                             for m in group})
+        splits[split] = (labelled, codes, vectors, routing)
 
     head_config = eval_lib.HeadTrainConfig(learning_rate=config.eval.head_learning_rate, steps=config.eval.head_steps,
                                            batch_size=config.eval.head_batch_size, seed=config.seed)
     classes = trained_classes(stage_specs(config)[: stage.index + 1])
     aligned = {eval_lib.pair_name(x, y): eval_lib.aligned_classes(classes, x, y)
                for x, y in eval_lib.ordered_pairs(modalities)}
-    metrics = eval_lib.cross_modal_scores(labelled("train"), labelled("test"), modalities=modalities,
+    metrics = eval_lib.cross_modal_scores(splits["train"][0], splits["test"][0], modalities=modalities,
                                           aligned_classes=aligned, config=head_config)
-    chance = 1.0 / (1 + max(int(np.max(splits[split][0]["label"])) for split in splits))
+    chance = 1.0 / (1 + max(int(np.max(features.labels)) for split in splits for features in splits[split][0].values()))
     metrics["chance/classification"] = chance
     metrics.update(eval_lib.below_chance(metrics, chance))
-    test_data, test_codes, test_vectors, test_routing = splits["test"]
+    test_labelled, test_codes, test_vectors, test_routing = splits["test"]
     metrics.update(eval_lib.retrieval_scores(
-        test_vectors, {m: test_data["label"] for m in modalities}, modalities=modalities, paired=config.eval.paired))
+        test_vectors, {m: test_labelled[m].labels for m in modalities}, modalities=modalities,
+        paired=config.eval.paired))
     active = int(state.quantizer["quantizer"]["active_count"])
     metrics.update(eval_lib.codebook_usage(test_codes, active, modalities))
     metrics.update(eval_lib.code_sharing(test_codes, eval_lib.ordered_pairs(modalities)))
@@ -135,6 +143,18 @@ def evaluate_stage(config: ml_collections.ConfigDict, stage: StageSpec, state: T
                            eval_lib.code_usage_counts(test_codes, active, modalities), modalities)
     report.plot_accuracy_matrix(results_dir / "accuracy_matrix.png", stages)
     return result
+
+
+def eval_datasets(eval_data: ml_collections.ConfigDict, modalities) -> dict[str, ml_collections.ConfigDict]:
+    """{modality: data config} of the `modalities` that `config.eval.data` provides, in their order.
+
+    `config.eval.data` is one data config holding every modality (digits, synthetic, features), or
+    {modality: data config} with one dataset per modality (unpaired datasets such as `numbers`).
+    """
+    if "name" in eval_data:
+        available = pipeline.dataset_modalities(eval_data)
+        return {m: eval_data for m in modalities if m in available}
+    return {m: eval_data[m] for m in modalities if m in eval_data and m in pipeline.dataset_modalities(eval_data[m])}
 
 
 def stage_table(history: list[dict]) -> str:

@@ -24,7 +24,8 @@ only with its anchor (text: captions and class labels), never with another encod
     config.anchors           class-label text embeddings: source ('minilm_prompts' | 'text_centroids'
                              | 'file'), templates {modality: '... {name} ...'}, file, minilm_path, cache_dir
     config.teachers          model-distillation teachers: modalities, dir, auto_train, dims, training
-                             settings (`unialign_jax.methods.unialign.teachers`)
+                             settings, optional data {modality: data config} to train on
+                             (`unialign_jax.methods.unialign.teachers`)
     config.stages            [one stage: name, modalities, data {modality: data config}, steps]
     config.eval              data {modality: data config} (test split), batch_size, max_examples,
                              zero_shot_ks, retrieval_ks

@@ -2,19 +2,21 @@
 
 The paper distils from partial-modal foundation models (ULIP for points, ViT-Lens for depth,
 ONE-PEACE for audio and video), with their features cached offline. Here each teacher is a small
-modality<->text model trained on its own modality only, against the same frozen text anchors the
-student uses (`config.loss.nce_anchor`: captions or class labels):
+modality<->text model trained on its own modality only, on `teachers.data[m]` (a dataset the student
+never reads, e.g. more concepts or other instances; default: the student's own training data), against the
+same frozen text anchors the student uses (`config.loss.nce_anchor`: captions or class labels):
 
     teacher_m(x) = normalize(MLP(flatten(x)))          (LayerNorm, two GELU layers of `hidden_dim`)
-    loss         = symmetric InfoNCE(teacher_m(x), anchor(x)), fixed logit scale 1 / temperature,
+    text_m(a)    = a                                   if D = teachers.dims[m] is the anchor's width,
+                   normalize(MLP(a))                   else (the teacher's own text tower, trained with it)
+    loss         = symmetric InfoNCE(teacher_m(x), text_m(anchor(x))), fixed logit scale 1 / temperature,
                    `teachers.steps` Adam steps on batches of `teachers.batch_size`.
 
-Its features of every training example, in the split's stored order, are cached in
+Its features of every example of the STUDENT's training split, in stored order, are cached in
 `<workdir>/<teachers.dir>/<modality>.npz` (`features` float32[N_train, D]; `data_config`, the JSON of
 the dataset they belong to; `test_top1`, the teacher's own zero-shot accuracy on the test split;
-optionally `anchor_features` float32[N_train, D], the teacher's own embedding of each example's
-anchor view, x̂^a of Eq. 14. Teachers trained here embed into the student's anchor space, so they
-need none; an external teacher whose width D differs from the anchor's must provide them):
+`anchor_features` float32[N_train, D], text_m of each example's anchor view, x̂^a of Eq. 14, when D
+differs from the anchor's width. An external teacher of another width must provide them too):
 
     python -m unialign_jax.methods.unialign.teachers --config=configs/unialign_digits.py --workdir=workdirs/unialign_digits
 
@@ -76,23 +78,44 @@ def _anchors(config, data: dict, label_embeddings: np.ndarray) -> np.ndarray:
     return label_embeddings[data["label"]]
 
 
+def teacher_data(config: ml_collections.ConfigDict, modality: str) -> ml_collections.ConfigDict:
+    """The dataset a modality's teacher trains on: `teachers.data[modality]` (an optional field, absent
+    from `base_config` so that earlier workdirs' configs still match), else the student's."""
+    return (config.teachers.get("data") or {}).get(modality) or config.stages[0].data[modality]
+
+
 def train_teacher(config: ml_collections.ConfigDict, modality: str, label_embeddings: np.ndarray) -> dict:
-    """Trains modality's teacher on its train split; returns {features [N_train, D], test_top1}."""
-    dataset = config.stages[0].data[modality]
+    """Trains modality's teacher on `teacher_data`; returns {features [N_train, D], test_top1} and, for a
+    width D other than the anchor's, anchor_features [N_train, D], for the student's train split."""
     fields = (modality, config.model.anchor) if config.loss.nce_anchor == "caption" else (modality,)
-    train = pipeline.load_split(dataset, "train", modalities=fields)
+    train = pipeline.load_split(teacher_data(config, modality), "train", modalities=fields)
+    student = pipeline.load_split(config.stages[0].data[modality], "train", modalities=fields)
     test = pipeline.load_split(config.eval.data[modality], "test", modalities=(modality,))
+    if train[modality].shape[1:] != student[modality].shape[1:]:
+        raise ValueError(f"config.teachers.data.{modality}: {modality} of shape {train[modality].shape[1:]}, the "
+                         f"student's is {student[modality].shape[1:]}; the teacher must read the student's inputs.")
     targets = _anchors(config, train, label_embeddings)
     teachers = config.teachers
-    net = TeacherNet(int(teachers.dims[modality]), teachers.hidden_dim)
+    dim = int(teachers.dims[modality])
+    own_text = dim != targets.shape[-1]
+    nets = {"x": TeacherNet(dim, teachers.hidden_dim), "text": TeacherNet(dim, teachers.hidden_dim)}
     rng = jax.random.fold_in(jax.random.key(config.seed), pipeline.MODALITIES.index(modality))
-    params = net.init(rng, jnp.asarray(train[modality][:1]))["params"]
+    params = {"x": nets["x"].init(rng, jnp.asarray(train[modality][:1]))["params"]}
+    if own_text:
+        params["text"] = nets["text"].init(jax.random.fold_in(rng, 1), jnp.asarray(targets[:1]))["params"]
+
+    def embed(params, name, inputs):
+        return nets[name].apply({"params": params[name]}, inputs) if name in params else inputs
+
     tx = optax.adam(teachers.learning_rate)
     log_scale = -np.log(config.loss.temperature)
 
     @jax.jit
     def step(params, opt_state, x, anchors):
-        loss, grads = jax.value_and_grad(lambda p: info_nce(net.apply({"params": p}, x), anchors, log_scale)[0])(params)
+        def loss_fn(p):
+            return info_nce(embed(p, "x", x), embed(p, "text", anchors), log_scale)[0]
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
@@ -102,11 +125,16 @@ def train_teacher(config: ml_collections.ConfigDict, modality: str, label_embedd
     for _ in range(teachers.steps):
         rows = sampler.choice(len(targets), batch_size, replace=False)
         params, opt_state, loss = step(params, opt_state, train[modality][rows], targets[rows])
-    encode = jax.jit(lambda x: net.apply({"params": params}, x))
-    test_top1 = zero_shot.top_k_accuracy(np.asarray(encode(test[modality])), test["label"], label_embeddings, (1,))["top1"]
-    logger.info("[teacher %s] %d steps, final InfoNCE %.3f, zero-shot test top-1 %.1f%%.", modality, teachers.steps,
-                float(loss), 100 * test_top1)
-    return {"features": np.asarray(encode(train[modality]), np.float32), "test_top1": test_top1}
+    encode = jax.jit(embed, static_argnums=1)
+    test_top1 = zero_shot.top_k_accuracy(np.asarray(encode(params, "x", test[modality])), test["label"],
+                                         np.asarray(encode(params, "text", label_embeddings)), (1,))["top1"]
+    logger.info("[teacher %s] %d steps on %d examples, final InfoNCE %.3f, zero-shot test top-1 %.1f%%.", modality,
+                teachers.steps, len(targets), float(loss), 100 * test_top1)
+    trained = {"features": np.asarray(encode(params, "x", student[modality]), np.float32), "test_top1": test_top1}
+    if own_text:
+        student_anchors = _anchors(config, student, label_embeddings)
+        trained["anchor_features"] = np.asarray(encode(params, "text", student_anchors), np.float32)
+    return trained
 
 
 def write_teachers(config: ml_collections.ConfigDict, workdir: str) -> dict[str, np.ndarray]:
@@ -120,8 +148,7 @@ def write_teachers(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
     for modality in modalities:
         trained = train_teacher(config, modality, label_embeddings[modality])
         stored = io.BytesIO()
-        np.savez(stored, features=trained["features"], test_top1=trained["test_top1"],
-                 data_config=config.stages[0].data[modality].to_json(sort_keys=True))
+        np.savez(stored, **trained, data_config=config.stages[0].data[modality].to_json(sort_keys=True))
         files.write_atomic(directory / f"{modality}.npz", stored.getvalue())
         features[modality] = trained["features"]
     logger.info("Teacher features cached in %s.", directory)
