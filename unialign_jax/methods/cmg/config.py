@@ -80,8 +80,24 @@ def validate(config: ml_collections.ConfigDict, dataset_modalities=pipeline.data
             f"{total_codes} codes the stages add; raise it (growth beyond capacity reallocates, but the "
             "capacity should be planned)."
         )
+    _validate_continual(config)
     if config.batch_size % max(1, config.get("num_processes", 1)) != 0:
         raise ConfigError(f"config.batch_size={config.batch_size} must divide evenly across processes.")
+
+
+def _validate_continual(config: ml_collections.ConfigDict) -> None:
+    continual = config.continual
+    if continual.pmr_teacher not in ("live", "frozen"):
+        raise ConfigError(f"config.continual.pmr_teacher must be 'live' or 'frozen', got {continual.pmr_teacher!r}.")
+    if not continual.mediator_distillation >= 0:
+        raise ConfigError("config.continual.mediator_distillation must be >= 0, got "
+                          f"{continual.mediator_distillation!r}.")
+    micro = continual.fisher_micro_batch_size
+    if isinstance(micro, bool) or not isinstance(micro, int) or micro < 1 or config.batch_size % micro:
+        raise ConfigError(f"config.continual.fisher_micro_batch_size={micro!r} must be a positive integer "
+                          f"dividing config.batch_size={config.batch_size}.")
+    if continual.fisher_batches < 1:
+        raise ConfigError(f"config.continual.fisher_batches must be >= 1, got {continual.fisher_batches}.")
 
 
 # Feature shapes per modality: the CMG reference dimensions and a small CPU-friendly variant.
@@ -189,8 +205,18 @@ def cmg_config(*, size: str, modalities: tuple[str, ...], data: str = "synthetic
             ("other", r".*"),
         ],
     )
-    c.continual = dict(pseudo_modality=False, ewc=False, ewc_strength=1.0, ewc_extra=(), fisher_batches=10,
-                       growth_examples=500)
+    c.continual = dict(
+        pseudo_modality=False,
+        pmr_teacher="live",  # 'live' (the paper): PMR reads the current mediator; 'frozen': its stage-start copy
+        ewc=False,
+        ewc_strength=1.0,
+        ewc_router=False,  # beyond the paper's scope: EWC also on the adapter's router
+        ewc_extra=(),
+        fisher_batches=10,
+        fisher_micro_batch_size=4,  # examples per squared gradient of the empirical Fisher
+        mediator_distillation=0.0,  # weight of the feature distillation from the stage-start mediator
+        growth_examples=500,
+    )
     c.eval = dict(paired=data in ("synthetic", "features"), head_steps=400, head_learning_rate=1e-3, head_batch_size=64, batch_size=250, max_examples=1000, data=None)
     return c
 
@@ -210,13 +236,17 @@ def continual_config(arg: str | None, pairs: list[tuple[str, str]], *, mediator:
     `size=small|reference`, `seed=N`, `steps=N` (per stage), and the
     COMET switches of the paper's ablation (Table 6), each `true|false`: `pm` (Pseudo-Modality
     Replay), `moe` (CMoE-Adapter), `gate` (its load-balancing loss), `ewc`, `sl` (the adapter's
-    modality-specific layers); `ewc_lambda=X` (λ of Eq. 6, default 100; the paper gives none) and
-    `ewc_mediator=true` (beyond the paper: EWC also on the mediator's semantic encoder). COMET
+    modality-specific layers); `ewc_lambda=X` (λ of Eq. 6, default 100; the paper gives none).
+    Options beyond the paper (defaults: the paper's method): `ewc_mediator=true` (EWC also on the
+    mediator's semantic encoder), `ewc_router=true` (EWC also on the adapter's router),
+    `pmr_teacher=live|frozen` (PMR reads the live mediator, or a frozen copy of it as it was at the
+    start of the stage), `lwf=W` (feature distillation from that stage-start mediator, weight W). COMET
     configs grow the codebook at every stage; the DCID baseline (`comet=False`: every switch off)
     keeps one fixed codebook of the same total size.
     """
     arg = configlib.parse_arg(arg, data="digits", size="small", seed=0, steps=0, pm=comet, moe=comet, gate=comet,
-                    ewc=comet, sl=comet, ewc_lambda=100.0, ewc_mediator=False, datasets="", eval_dataset="")
+                    ewc=comet, sl=comet, ewc_lambda=100.0, ewc_mediator=False, ewc_router=False,
+                    pmr_teacher="live", lwf=0.0, datasets="", eval_dataset="")
     modalities = tuple(dict.fromkeys(m for pair in pairs for m in pair))
     data_name = resolve_data(arg.data, modalities)
     config = cmg_config(size=arg.size, modalities=modalities, data=data_name)
@@ -232,6 +262,9 @@ def continual_config(arg: str | None, pairs: list[tuple[str, str]], *, mediator:
     config.continual.pseudo_modality = arg.pm
     config.continual.ewc = arg.ewc and arg.moe  # EWC protects the adapter's layers (COMET §3.2)
     config.continual.ewc_strength = float(arg.ewc_lambda)
+    config.continual.ewc_router = arg.ewc_router
+    config.continual.pmr_teacher = arg.pmr_teacher
+    config.continual.mediator_distillation = float(arg.lwf)
     if arg.ewc_mediator:  # beyond the paper: also protect the mediator's semantic encoder
         config.continual.ewc_extra = (rf"^semantic_encoder_{mediator}/",)
     steps = arg.steps or (3000 if reference else 400)

@@ -1,9 +1,11 @@
 """What passes between COMET stages: grown codebook, frozen modules, EWC Fisher/anchors, PMR teacher.
 
-At the end of a stage (`finish_stage`) the diagonal Fisher information of the stage loss is estimated
-on that stage's data for the CMoE-Adapter's common layers and the specific layers of the stage's
-modalities (COMET §3.2, Eq. 6), added to the Fisher of earlier stages, and saved with the anchor
-parameters θ* next to the stage's checkpoints (`<stage folder>/continual`).
+At the end of a stage (`finish_stage`) the diagonal empirical Fisher of the stage loss (mean of
+squared micro-batch gradients, `step.estimate_fisher`) is estimated on that stage's data for the EWC
+scope (`ewc_patterns`: the paper's CMoE-Adapter common layers and the specific layers of the stage's
+modalities, COMET §3.2, Eq. 6; optionally the router and the mediator's encoder), logged with its
+magnitude, added to the Fisher of earlier stages, and saved with the anchor parameters θ* and the
+magnitude next to the stage's checkpoints (`<stage folder>/continual`).
 
 At the start of stage s > 1 (`initial_state`) the next state is built from the previous stage's
 final Orbax checkpoint:
@@ -16,8 +18,10 @@ final Orbax checkpoint:
   where the new semantics (new classes, new captions) appear; the new modality's encoder is still
   random at the boundary. New rows start with the EMA weight of an average old code, so unused ones
   do not explode as the reference's tiny-uniform init does (reference notes §1.5, §2.3).
-- carry: the EWC Fisher + anchors restricted to this stage's trainable parameters, and the teacher
-  codebook (a frozen copy of the previous codebook) for Pseudo-Modality Replay (§3.3).
+- carry: the EWC Fisher + anchors restricted to this stage's trainable parameters, the teacher
+  codebook (a frozen copy of the previous codebook) for Pseudo-Modality Replay (§3.3), and, when
+  `pmr_teacher='frozen'` or `mediator_distillation > 0`, the mediator snapshot (`mediator_snapshot`):
+  a frozen copy of the mediator's semantic path as it is at the start of the stage.
 The optimizer state restarts.
 """
 
@@ -37,6 +41,7 @@ from unialign_jax import loop
 from unialign_jax import optim
 from unialign_jax.data import pipeline
 from unialign_jax.logs import logger
+from unialign_jax.losses import continual as continual_losses
 from unialign_jax.methods.cmg import model as model_lib
 from unialign_jax.nn import quantizer as quantizer_lib
 
@@ -44,11 +49,35 @@ ARTIFACTS_FOLDER = "continual"
 
 
 def ewc_patterns(config: ml_collections.ConfigDict, stage: loop.StageSpec) -> list[str]:
-    """Parameters EWC protects after `stage`: adapter common layers + specific layers it activated
-    (COMET §3.2), plus `config.continual.ewc_extra` (an extension beyond the paper, e.g. the
-    mediator's semantic encoder, whose drift is what forgets earlier pairs; default none)."""
+    """Parameters EWC protects after `stage`.
+
+    The `paper` reading (COMET §3.2): the adapter's common layers + the specific layers the stage
+    activated. `continual.ewc_router=True` adds the adapter's router, which every modality shares and
+    which drifts with the experts (the paper leaves it out of the scope). `continual.ewc_extra`:
+    further patterns beyond the paper, e.g. the mediator's semantic encoder, whose drift is what
+    forgets earlier pairs; default none."""
     paper = [r"^adapter/common/"] + [rf"^adapter/specific_{m}/" for m in stage.modalities]
-    return paper + list(config.continual.get("ewc_extra", ()))
+    router = [r"^adapter/router/"] if config.continual.get("ewc_router", False) else []
+    return paper + router + list(config.continual.get("ewc_extra", ()))
+
+
+def mediator_snapshot(stage: loop.StageSpec, params: dict) -> dict:
+    """The mediator's semantic path in `params` (its video pooler, semantic encoder, the adapter's
+    router, common and `specific_{mediator}` layers): a copy the next stage keeps frozen as the
+    PMR teacher and the distillation target (`CMGModel.semantic_features` reads exactly these)."""
+    mediator = re.escape(stage.mediator)
+    patterns = [rf"^video_pooler_{mediator}/", rf"^semantic_encoder_{mediator}/", r"^adapter/router/",
+                r"^adapter/common/", rf"^adapter/specific_{mediator}/"]
+    return jax.tree.map(jnp.array, _select(params, patterns))
+
+
+def uses_mediator_snapshot(config: ml_collections.ConfigDict, stage: loop.StageSpec) -> bool:
+    """Whether `stage` carries a mediator snapshot: a PMR teacher read from it, or distillation."""
+    if not stage.mediator:
+        return False
+    frozen_replay = (config.continual.pseudo_modality and stage.replay_partner is not None
+                     and config.continual.get("pmr_teacher", "live") == "frozen")
+    return frozen_replay or config.continual.get("mediator_distillation", 0.0) > 0
 
 
 def _select(tree: dict, patterns: list[str]) -> dict:
@@ -75,14 +104,18 @@ def finish_stage(config: ml_collections.ConfigDict, stage: loop.StageSpec, state
     directory = epath.Path(workdir) / stage.folder / ARTIFACTS_FOLDER
     if directory.is_dir():
         return
-    logger.info("[%s] estimating the Fisher information on %d batches.", stage.name,
-                 config.continual.fisher_batches)
+    micro_batches = config.continual.fisher_batches * config.batch_size // config.continual.fisher_micro_batch_size
     fisher = estimate_fisher(ewc_patterns(config, stage))
+    magnitude = continual_losses.fisher_magnitude(fisher)
+    logger.info("[%s] Fisher over %d micro-batches of %d: mean %.3g, max %.3g over the EWC scope "
+                "(%d values).", stage.name, micro_batches, config.continual.fisher_micro_batch_size,
+                float(magnitude["mean"]), float(magnitude["max"]), sum(v.size for v in jax.tree.leaves(fisher)))
     previous = state.carry.get("ewc", {}).get("fisher", {})
     all_params = optim.merge_params(state.params, state.frozen)
     anchor_patterns = [rf"^{re.escape(path)}$" for path in traverse_util.flatten_dict(
         _accumulate(previous, fisher), sep="/")]
-    artifacts = {"fisher": _accumulate(previous, fisher), "anchor": _select(all_params, anchor_patterns)}
+    artifacts = {"fisher": _accumulate(previous, fisher), "anchor": _select(all_params, anchor_patterns),
+                 "fisher_magnitude": magnitude}
     ckpt_lib.save_tree(directory, artifacts)
 
 
@@ -148,6 +181,8 @@ def next_stage_state(config: ml_collections.ConfigDict, stage: loop.StageSpec, w
     if config.continual.pseudo_modality and stage.replay_partner:
         carry["teacher"] = {"embedding": jnp.asarray(old_codebook["embedding"]),
                             "active_count": jnp.asarray(old_codebook["active_count"])}
+    if uses_mediator_snapshot(config, stage):
+        carry["mediator_teacher"] = mediator_snapshot(stage, params)
     if config.continual.ewc:
         saved = ckpt_lib.load_tree(previous_dir / ARTIFACTS_FOLDER)
         trainable = optim.split_params(params, model_lib.frozen_patterns(config, stage))[1]

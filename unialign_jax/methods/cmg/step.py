@@ -5,8 +5,9 @@ In the reference's order (CMG `pretrain.py`):
    `quantizer` collection), kept as a `jax.vjp` so the model runs once;
 2. the CLUB estimators' inner loop (`club.steps` Adam steps on stop-gradient inputs, their own
    optimizer state in `TrainState.aux`);
-3. the total loss on the model outputs with the updated CLUB nets, its gradient pulled back through
-   the forward pass, plus the EWC penalty's gradient (COMET stages > 1);
+3. the total loss on the model outputs with the updated CLUB nets (plus, with a stage-start
+   mediator snapshot in the carry, the mediator's feature distillation), its gradient pulled back
+   through the forward pass, plus the EWC penalty's gradient (COMET stages > 1);
 4. per-group gradient clipping and the Adam update (`optim.py`).
 """
 
@@ -73,13 +74,29 @@ class CMGStep(JittedStep):
         )
         return {"club_params": params, "club_opt_state": opt_state}, -loss
 
-    def _pseudo_modality(self, state: TrainState, all_params: dict, semantic: dict) -> dict | None:
-        """COMET Pseudo-Modality Replay participant for Cross-CPC, or None outside PMR stages."""
+    def _mediator_teacher_features(self, state: TrainState, inputs: dict) -> jax.Array | None:
+        """The mediator's semantic features [B, T, D] from its stage-start snapshot
+        (`carry['mediator_teacher']`, see `continual.mediator_snapshot`), or None without one."""
+        snapshot = state.carry.get("mediator_teacher")
+        if snapshot is None:
+            return None
+        mediator = self.stage.mediator
+        return jax.lax.stop_gradient(self.model.apply(
+            {"params": snapshot}, inputs[mediator], mediator, method=cmg_nn.CMGModel.semantic_features))
+
+    def _pseudo_modality(self, state: TrainState, all_params: dict, mediator_features: jax.Array) -> dict | None:
+        """COMET Pseudo-Modality Replay participant for Cross-CPC, or None outside PMR stages.
+
+        `mediator_features` [B, T, D]: the live mediator's semantic features, or the stage-start
+        snapshot's (`continual.pmr_teacher='frozen'`)."""
         teacher = state.carry.get("teacher")
         if teacher is None or not self.stage.mediator:
             return None
+        if mediator_features is None:
+            raise ValueError("continual.pmr_teacher='frozen' needs the stage-start mediator snapshot "
+                             "carry['mediator_teacher'], which this state lacks.")
         sequence, on_new = quantizer_lib.pseudo_modality_sequence(
-            jax.lax.stop_gradient(semantic[self.stage.mediator]),
+            jax.lax.stop_gradient(mediator_features),
             teacher["embedding"],
             teacher["active_count"],
             state.quantizer["quantizer"]["embedding"],
@@ -97,12 +114,12 @@ class CMGStep(JittedStep):
             "position_weights": weights,
         }
 
-    def gradients(self, state: TrainState, batch: dict, *, with_ewc: bool = True
+    def gradients(self, state: TrainState, batch: dict, *, with_protection: bool = True
                   ) -> tuple[dict, jax.Array, dict, dict]:
         """(parameter gradients, loss, metrics, updated non-parameter state) of one batch; no update.
 
-        `with_ewc=False` leaves out the earlier stages' EWC penalty (the Fisher estimate measures
-        this stage's loss alone).
+        `with_protection=False` leaves out what protects the earlier stages (the EWC penalty and the
+        mediator's feature distillation): the Fisher estimate measures this stage's loss alone.
 
         The updated state holds `quantizer` (after MM-EMA and restarts), `aux` (after the CLUB inner
         loop), `rng` and the batch's `codes`. Used by the train step and by the Fisher estimate.
@@ -110,6 +127,9 @@ class CMGStep(JittedStep):
         config, stage = self.config, self.stage
         rng, dropout_rng, quantizer_rng, cpc_rng, perm_rng = jax.random.split(state.rng, 5)
         inputs = {m: batch[m] for m in stage.modalities}
+        teacher_features = self._mediator_teacher_features(state, inputs)
+        live_replay = config.continual.get("pmr_teacher", "live") == "live"
+        distill_weight = config.continual.get("mediator_distillation", 0.0) if with_protection else 0.0
 
         def forward(params):
             all_params = optim.merge_params(params, state.frozen)
@@ -121,7 +141,10 @@ class CMGStep(JittedStep):
                 rngs={"dropout": dropout_rng, "quantizer": quantizer_rng},
                 mutable=["quantizer"],
             )
-            pseudo = self._pseudo_modality(state, all_params, outputs["semantic"])
+            pseudo = None
+            if stage.mediator:
+                replay_source = outputs["semantic"][stage.mediator] if live_replay else teacher_features
+                pseudo = self._pseudo_modality(state, all_params, replay_source)
             differentiable = {k: outputs[k] for k in DIFFERENTIABLE_OUTPUTS if k in outputs}
             if pseudo is not None:
                 differentiable["pseudo_predictions"] = pseudo.pop("predictions")
@@ -142,7 +165,7 @@ class CMGStep(JittedStep):
             extra = None
             if pseudo is not None:
                 extra = dict(pseudo, predictions=diff["pseudo_predictions"])
-            return cmg_objective(
+            loss, metrics = cmg_objective(
                 {**diff, **rest},
                 estimates,
                 inputs,
@@ -156,12 +179,18 @@ class CMGStep(JittedStep):
                 cpc_self_weight=config.loss.cpc_self_weight,
                 cpc_extra=extra,
             )
+            if teacher_features is not None and distill_weight:
+                distill = continual_losses.feature_distillation_loss(diff["semantic"][stage.mediator],
+                                                                     teacher_features)
+                metrics["loss/distill"] = distill
+                loss = loss + distill_weight * distill
+            return loss, metrics
 
         (loss, metrics), cotangent = jax.value_and_grad(loss_fn, has_aux=True)(differentiable)
         (grads,) = pullback(cotangent)
 
         ewc = state.carry.get("ewc")
-        if ewc is not None and with_ewc:
+        if ewc is not None and with_protection:
             penalty, ewc_grads = jax.value_and_grad(
                 lambda p: continual_losses.ewc_penalty(
                     p, ewc["anchor"], ewc["fisher"], config.continual.ewc_strength
@@ -199,25 +228,35 @@ class CMGStep(JittedStep):
 
 def estimate_fisher(config: ml_collections.ConfigDict, stage: StageSpec, state: TrainState, mesh,
                     patterns: list[str]) -> dict:
-    """Diagonal empirical Fisher F_i ≈ E[(∂L/∂θ_i)²] of the stage loss over `fisher_batches` batches.
+    """Diagonal empirical Fisher of this stage's loss for the parameters `patterns` select.
 
-    L is the full stage objective on a batch (its CMCM and Cross-CPC terms are contrastive over the
-    batch, so per-example gradients are not defined); F is the mean over batches of the squared batch
-    gradient of this stage's loss alone (the earlier stages' EWC penalty is left out), for the
-    parameters `patterns` select. The state is not changed.
+    F = (1/N) Σ_n (∂L_n/∂θ)², N = `fisher_batches` · batch_size / `fisher_micro_batch_size`, L_n the
+    full stage objective on micro-batch n (`losses.continual.empirical_fisher`; its CMCM and
+    Cross-CPC terms are contrastive over the micro-batch, so per-example gradients are not defined).
+    The earlier stages' EWC penalty and the mediator distillation are left out. Micro-batch n uses
+    the dropout / codebook randomness of `fold_in(state.rng, n)`. The state is not changed.
     """
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
     shardings = state_shardings(abstract, mesh, config.sharding_rules)
     step_fn = CMGStep(config, stage, mesh, abstract, shardings)
+    micro = config.continual.fisher_micro_batch_size
+    per_batch = config.batch_size // micro
+
+    def micro_gradient(state, micro_batch):
+        index = micro_batch.pop("index")
+        grads = step_fn.gradients(state.replace(rng=jax.random.fold_in(state.rng, index)), micro_batch,
+                                  with_protection=False)[0]
+        return optim.split_params(grads, patterns)[0]
 
     @jax.jit
-    def squared_gradients(state, batch):
-        grads = step_fn.gradients(state, batch, with_ewc=False)[0]
-        return jax.tree.map(jnp.square, optim.split_params(grads, patterns)[0])
+    def batch_fisher(state, batch, first_index):
+        micro_batches = {m: batch[m].reshape(per_batch, micro, *batch[m].shape[1:]) for m in stage.modalities}
+        micro_batches["index"] = first_index + jnp.arange(per_batch)
+        return continual_losses.empirical_fisher(lambda mb: micro_gradient(state, dict(mb)), micro_batches)
 
     iterator = model_lib.train_iterator(config, stage, seed_offset=1000)
     total = None
-    for _ in range(config.continual.fisher_batches):
-        squared = squared_gradients(state, parallel.global_batch(next(iterator), mesh))
-        total = squared if total is None else jax.tree.map(jnp.add, total, squared)
+    for index in range(config.continual.fisher_batches):
+        fisher = batch_fisher(state, parallel.global_batch(next(iterator), mesh), index * per_batch)
+        total = fisher if total is None else jax.tree.map(jnp.add, total, fisher)
     return jax.tree.map(lambda f: f / config.continual.fisher_batches, total)
