@@ -18,6 +18,9 @@ final Orbax checkpoint:
   where the new semantics (new classes, new captions) appear; the new modality's encoder is still
   random at the boundary. New rows start with the EMA weight of an average old code, so unused ones
   do not explode as the reference's tiny-uniform init does (reference notes §1.5, §2.3).
+- owned codes (`continual.own_codes`, beyond the paper): the codes that modalities absent from this
+  stage still use are marked `owned` in the codebook state, so this stage's MM-EMA and dead-code
+  restarts leave them alone (`owned_codes`, `quantizer_lib` module docstring);
 - carry: the EWC Fisher + anchors restricted to this stage's trainable parameters, the teacher
   codebook (a frozen copy of the previous codebook) for Pseudo-Modality Replay (§3.3), and, when
   `pmr_teacher='frozen'` or `mediator_distillation > 0`, the mediator snapshot (`mediator_snapshot`):
@@ -43,6 +46,7 @@ from unialign_jax.data import pipeline
 from unialign_jax.logs import logger
 from unialign_jax.losses import continual as continual_losses
 from unialign_jax.methods.cmg import model as model_lib
+from unialign_jax.nn import cmg as cmg_nn
 from unialign_jax.nn import quantizer as quantizer_lib
 
 ARTIFACTS_FOLDER = "continual"
@@ -152,6 +156,40 @@ def new_code_rows(config: ml_collections.ConfigDict, stage: loop.StageSpec, para
     return quantizer_lib.init_codebook_rows_from_features(rng, features, stage.codebook_rows)
 
 
+def codes_owned_by_share(codes: dict[str, jax.Array], capacity: int, min_share: float) -> jax.Array:
+    """bool [C]: code k is owned when, for some modality m, n_mk / Σ_j n_mj >= `min_share`, n_mk the
+    number of m's tokens (any shape of int codes in `codes[m]`) assigned to code k."""
+    owned = jnp.zeros((capacity,), bool)
+    for values in codes.values():
+        counts = jnp.bincount(jnp.ravel(values), length=capacity)
+        owned = owned | (counts / jnp.maximum(jnp.sum(counts), 1) >= min_share)
+    return owned
+
+
+def owned_codes(config: ml_collections.ConfigDict, stage: loop.StageSpec, params: dict, quantizer: dict
+                ) -> jax.Array:
+    """bool [C]: the codes that the modalities absent from `stage` still own at its start.
+
+    For each absent modality (its encoder frozen in this stage), the first `growth_examples` training
+    examples of the last earlier stage that had it are encoded with `params` and the codebook
+    `quantizer` (the previous stage's final state); a code is owned when it receives at least
+    `code_owner_min_share` of that modality's tokens (`codes_owned_by_share`)."""
+    specs = loop.stage_specs(config)[:stage.index]
+    absent = [m for m in stage.seen_modalities if m not in stage.modalities]
+    model, _ = model_lib.build_models(config, stage)
+    codes = {}
+    for modality in absent:
+        source = next(s for s in reversed(specs) if modality in s.modalities)
+        data = pipeline.load_split(source.data, "train", modalities=(modality,),
+                                   max_examples=config.continual.growth_examples)
+        encoded = jax.jit(lambda x, m=modality: model.apply(
+            {"params": params, "quantizer": quantizer}, {m: x}, method=cmg_nn.CMGModel.encode))(
+                jnp.asarray(data[modality]))
+        codes[modality] = encoded[modality][0]
+    capacity = quantizer["quantizer"]["embedding"].shape[0]
+    return codes_owned_by_share(codes, capacity, config.continual.code_owner_min_share)
+
+
 def next_stage_state(config: ml_collections.ConfigDict, stage: loop.StageSpec, workdir: str
                      ) -> loop.TrainState:
     """The starting state of stage s > 1 from stage s-1's final checkpoint (module docstring)."""
@@ -170,12 +208,18 @@ def next_stage_state(config: ml_collections.ConfigDict, stage: loop.StageSpec, w
     club_params = _overlay(fresh_club, previous["aux"]["club_params"])
 
     old_codebook = previous["quantizer"]["quantizer"]
-    grown = old_codebook
+    owned = owned_codes(config, stage, params, previous["quantizer"]) if config.continual.own_codes else None
+    grown = {k: v for k, v in old_codebook.items() if k != "owned"}
     if stage.codebook_rows:
         rows = new_code_rows(config, stage, params, previous["quantizer"], rows_rng)
         grown = quantizer_lib.grow_codebook(old_codebook, rows, capacity=config.quantizer.codebook_capacity)
     logger.info("[%s] codebook %d -> %d active codes (capacity %d).", stage.name,
                  int(old_codebook["active_count"]), int(grown["active_count"]), grown["embedding"].shape[0])
+    if owned is not None:
+        capacity = grown["embedding"].shape[0]
+        grown["owned"] = jnp.zeros((capacity,), bool).at[:owned.shape[0]].set(owned)
+        logger.info("[%s] %d codes owned by the absent modalities %s.", stage.name, int(owned.sum()),
+                    [m for m in stage.seen_modalities if m not in stage.modalities])
 
     carry = {}
     if config.continual.pseudo_modality and stage.replay_partner:

@@ -53,15 +53,19 @@ class CMGStep(JittedStep):
 
     # -- pieces of the step ---------------------------------------------------------------------------
 
-    def _club_inner_loop(self, aux: dict, quantized: dict, specific: dict) -> tuple[dict, jax.Array]:
-        """`club.steps` Adam steps maximising the CLUB log-likelihood on stop-gradient inputs."""
-        x = jax.lax.stop_gradient(quantized)
-        y = jax.lax.stop_gradient(specific)
+    def _club_inner_loop(self, aux: dict, quantized: list[dict], specific: list[dict]) -> tuple[dict, jax.Array]:
+        """`club.steps` Adam steps maximising the CLUB log-likelihood on stop-gradient inputs, summed
+        over the stage's groups (one dict per group)."""
+        xs = jax.lax.stop_gradient(quantized)
+        ys = jax.lax.stop_gradient(specific)
         tx = model_lib.club_optimizer(self.config)
 
         def negative_loglik(club_params):
-            estimates = self.club.apply({"params": club_params}, x)
-            return -sum(cmg_losses.club_log_likelihood(*estimates[m], y[m]) for m in x)
+            total = 0.0
+            for x, y in zip(xs, ys):
+                estimates = self.club.apply({"params": club_params}, x)
+                total = total - sum(cmg_losses.club_log_likelihood(*estimates[m], y[m]) for m in x)
+            return total
 
         def one_step(_, carry):
             params, opt_state, _ = carry
@@ -73,6 +77,15 @@ class CMGStep(JittedStep):
             0, self.config.club.steps, one_step, (aux["club_params"], aux["club_opt_state"], jnp.zeros(()))
         )
         return {"club_params": params, "club_opt_state": opt_state}, -loss
+
+    def _group_inputs(self, batch: dict) -> list[dict]:
+        """{modality: inputs} of each group of the stage: the whole batch for a one-group stage; for a
+        stage of several groups (`StageSpec.pairs`), group (lead, partners...) reads the mixed batch's
+        `{lead}/inputs` and `{lead}/{partner}` (`data.mixed`)."""
+        if not self.stage.pairs:
+            return [{m: batch[m] for m in self.stage.modalities}]
+        return [{group[0]: batch[f"{group[0]}/inputs"], **{m: batch[f"{group[0]}/{m}"] for m in group[1:]}}
+                for group in self.stage.pairs]
 
     def _mediator_teacher_features(self, state: TrainState, inputs: dict) -> jax.Array | None:
         """The mediator's semantic features [B, T, D] from its stage-start snapshot
@@ -126,61 +139,76 @@ class CMGStep(JittedStep):
         """
         config, stage = self.config, self.stage
         rng, dropout_rng, quantizer_rng, cpc_rng, perm_rng = jax.random.split(state.rng, 5)
-        inputs = {m: batch[m] for m in stage.modalities}
-        teacher_features = self._mediator_teacher_features(state, inputs)
+        groups = stage.pairs or (stage.modalities,)
+        inputs = self._group_inputs(batch)
+        teacher_features = self._mediator_teacher_features(state, inputs[0])
         live_replay = config.continual.get("pmr_teacher", "live") == "live"
         distill_weight = config.continual.get("mediator_distillation", 0.0) if with_protection else 0.0
 
+        def group_key(key, index):  # group 0 keeps the key, so a one-group stage is unchanged
+            return key if index == 0 else jax.random.fold_in(key, index)
+
         def forward(params):
             all_params = optim.merge_params(params, state.frozen)
-            outputs, mutated = self.model.apply(
-                {"params": all_params, "quantizer": state.quantizer},
-                inputs,
-                train=True,
-                update_codebook=True,
-                rngs={"dropout": dropout_rng, "quantizer": quantizer_rng},
-                mutable=["quantizer"],
-            )
+            quantizer, differentiable, rest = state.quantizer, [], []
+            for index, group_inputs in enumerate(inputs):  # each group's MM-EMA sees the one before's codebook
+                outputs, mutated = self.model.apply(
+                    {"params": all_params, "quantizer": quantizer},
+                    group_inputs,
+                    train=True,
+                    update_codebook=True,
+                    rngs={"dropout": group_key(dropout_rng, index), "quantizer": group_key(quantizer_rng, index)},
+                    mutable=["quantizer"],
+                )
+                quantizer = mutated["quantizer"]
+                differentiable.append({k: outputs[k] for k in DIFFERENTIABLE_OUTPUTS if k in outputs})
+                rest.append({k: v for k, v in outputs.items() if k not in differentiable[-1]})
             pseudo = None
-            if stage.mediator:
-                replay_source = outputs["semantic"][stage.mediator] if live_replay else teacher_features
-                pseudo = self._pseudo_modality(state, all_params, replay_source)
-            differentiable = {k: outputs[k] for k in DIFFERENTIABLE_OUTPUTS if k in outputs}
+            if stage.mediator:  # one group (validated)
+                semantic = differentiable[0]["semantic"][stage.mediator]
+                pseudo = self._pseudo_modality(state, all_params, semantic if live_replay else teacher_features)
             if pseudo is not None:
-                differentiable["pseudo_predictions"] = pseudo.pop("predictions")
-            rest = {k: v for k, v in outputs.items() if k not in differentiable}
-            return differentiable, (rest, pseudo, mutated["quantizer"])
+                differentiable[0]["pseudo_predictions"] = pseudo.pop("predictions")
+            return differentiable, (rest, pseudo, quantizer)
 
         differentiable, pullback, (rest, pseudo, new_quantizer) = jax.vjp(forward, state.params, has_aux=True)
         aux, club_loglik = self._club_inner_loop(
-            state.aux, differentiable["quantized"], differentiable["specific"]
+            state.aux, [d["quantized"] for d in differentiable], [d["specific"] for d in differentiable]
         )
 
-        batch_size, seq_len = inputs[stage.modalities[0]].shape[:2]
+        batch_size, seq_len = inputs[0][groups[0][0]].shape[:2]
         time_index = cmg_losses.sample_cpc_time_index(cpc_rng, seq_len, config.model.cpc_prediction_steps)
-        club_permutations = cmg_losses.sample_club_permutations(perm_rng, batch_size, stage.modalities)
+        club_permutations = [cmg_losses.sample_club_permutations(group_key(perm_rng, index), batch_size, group)
+                             for index, group in enumerate(groups)]
 
-        def loss_fn(diff):
+        def group_loss(index, diff):
             estimates = self.club.apply({"params": aux["club_params"]}, diff["quantized"])
             extra = None
             if pseudo is not None:
                 extra = dict(pseudo, predictions=diff["pseudo_predictions"])
-            loss, metrics = cmg_objective(
-                {**diff, **rest},
+            return cmg_objective(
+                {**diff, **rest[index]},
                 estimates,
-                inputs,
-                modalities=stage.modalities,
+                inputs[index],
+                modalities=groups[index],
                 weights=config.loss.weights,
                 commitment_beta=config.loss.commitment_beta,
                 cpc_time_index=time_index,
-                club_permutations=club_permutations,
+                club_permutations=club_permutations[index],
                 cpc_normalize_over=config.loss.cpc_normalize_over,
                 cpc_cross_weight=config.loss.cpc_cross_weight,
                 cpc_self_weight=config.loss.cpc_self_weight,
                 cpc_extra=extra,
             )
+
+        def loss_fn(diffs):
+            """Σ over the groups of their CMG objectives (+ the mediator distillation)."""
+            loss, metrics = group_loss(0, diffs[0])
+            if len(diffs) > 1:
+                metrics = _sum_group_metrics([group_loss(i, d)[1] for i, d in enumerate(diffs)], groups)
+                loss = metrics["loss/total"]
             if teacher_features is not None and distill_weight:
-                distill = continual_losses.feature_distillation_loss(diff["semantic"][stage.mediator],
+                distill = continual_losses.feature_distillation_loss(diffs[0]["semantic"][stage.mediator],
                                                                      teacher_features)
                 metrics["loss/distill"] = distill
                 loss = loss + distill_weight * distill
@@ -200,7 +228,8 @@ class CMGStep(JittedStep):
             metrics["loss/ewc"] = penalty
             loss = loss + penalty
         metrics.update({"loss/total": loss, "club/loglik": club_loglik})
-        return grads, loss, metrics, {"quantizer": new_quantizer, "aux": aux, "rng": rng, "codes": rest["codes"]}
+        codes = [r["codes"] for r in rest]
+        return grads, loss, metrics, {"quantizer": new_quantizer, "aux": aux, "rng": rng, "codes": codes}
 
     def _step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         grads, loss, metrics, updated = self.gradients(state, batch)
@@ -209,7 +238,7 @@ class CMGStep(JittedStep):
         params = optax.apply_updates(state.params, updates)
 
         used = jnp.zeros(new_quantizer["quantizer"]["embedding"].shape[0], bool)
-        for codes in updated["codes"].values():
+        for codes in (c for group_codes in updated["codes"] for c in group_codes.values()):
             used = used.at[codes.reshape(-1)].set(True)
         metrics.update(
             {
@@ -224,6 +253,19 @@ class CMGStep(JittedStep):
             rng=updated["rng"],
         )
         return new_state, metrics
+
+
+def _sum_group_metrics(group_metrics: list[dict], groups: tuple[tuple[str, ...], ...]) -> dict:
+    """One stage's metrics from its groups': the `loss/*` terms summed, every other metric under
+    `{group}/` (e.g. `audio_text/cpc/accuracy_audio_from_text`)."""
+    merged = {}
+    for group, metrics in zip(groups, group_metrics):
+        for key, value in metrics.items():
+            if key.startswith("loss/"):
+                merged[key] = merged.get(key, 0.0) + value
+            else:
+                merged[f"{'_'.join(group)}/{key}"] = value
+    return merged
 
 
 def estimate_fisher(config: ml_collections.ConfigDict, stage: StageSpec, state: TrainState, mesh,
@@ -250,7 +292,7 @@ def estimate_fisher(config: ml_collections.ConfigDict, stage: StageSpec, state: 
 
     @jax.jit
     def batch_fisher(state, batch, first_index):
-        micro_batches = {m: batch[m].reshape(per_batch, micro, *batch[m].shape[1:]) for m in stage.modalities}
+        micro_batches = {k: v.reshape(per_batch, micro, *v.shape[1:]) for k, v in batch.items()}
         micro_batches["index"] = first_index + jnp.arange(per_batch)
         return continual_losses.empirical_fisher(lambda mb: micro_gradient(state, dict(mb)), micro_batches)
 
