@@ -180,7 +180,8 @@ def owned_codes(config: ml_collections.ConfigDict, stage: loop.StageSpec, params
     codes = {}
     for modality in absent:
         source = next(s for s in reversed(specs) if modality in s.modalities)
-        data = pipeline.load_split(source.data, "train", modalities=(modality,),
+        source_data = next((d for group, d in zip(source.pairs, source.pair_data) if modality in group), source.data)
+        data = pipeline.load_split(source_data, "train", modalities=(modality,),
                                    max_examples=config.continual.growth_examples)
         encoded = jax.jit(lambda x, m=modality: model.apply(
             {"params": params, "quantizer": quantizer}, {m: x}, method=cmg_nn.CMGModel.encode))(
