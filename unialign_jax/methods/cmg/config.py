@@ -271,7 +271,8 @@ def continual_config(arg: str | None, pairs: list[tuple[str, str]], *, mediator:
     `size=small|reference`, `seed=N`, `steps=N` (per stage), and the
     COMET switches of the paper's ablation (Table 6), each `true|false`: `pm` (Pseudo-Modality
     Replay), `moe` (CMoE-Adapter), `gate` (its load-balancing loss), `ewc`, `sl` (the adapter's
-    modality-specific layers); `ewc_lambda=X` (λ of Eq. 6, default 1e4, chosen by a seed-0 sweep over 1e2, 1e3, 1e4 with the empirical Fisher; the paper gives none).
+    modality-specific layers); `ewc_lambda=X` (λ of Eq. 6, default 1e4, chosen by a seed-0 sweep
+    over 1e2, 1e3, 1e4 with the empirical Fisher, README; the paper gives none).
     Options beyond the paper (defaults: the paper's method): `ewc_mediator=true` (EWC also on the
     mediator's semantic encoder), `ewc_router=true` (EWC also on the adapter's router),
     `pmr_teacher=live|frozen` (PMR reads the live mediator, or a frozen copy of it as it was at the
