@@ -142,9 +142,9 @@ def stage(
 ) -> ml_collections.ConfigDict:
     """One stage entry. `pairs`: ((modalities, data), ...) for a stage of several groups trained
     together in mixed batches; then `modalities` is their union and `data` the first group's."""
-    entry = dict(name=name, modalities=tuple(modalities), mediator=mediator, data=data, steps=steps,
-                 codebook_rows=codebook_rows)
+    entry = {"name": name, "modalities": tuple(modalities), "mediator": mediator, "data": data, "steps": steps,
+             "codebook_rows": codebook_rows}
     if pairs:
-        entry["pairs"] = [ml_collections.ConfigDict(dict(modalities=tuple(group), data=group_data))
+        entry["pairs"] = [ml_collections.ConfigDict({"modalities": tuple(group), "data": group_data})
                           for group, group_data in pairs]
     return ml_collections.ConfigDict(entry)
