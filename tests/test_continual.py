@@ -22,12 +22,14 @@ from unialign_jax import parallel
 from unialign_jax import report
 from unialign_jax import train
 from unialign_jax import loop
+from unialign_jax.data import pipeline
 from unialign_jax.methods.cmg import config as cmg_config
 from unialign_jax.losses import continual as continual_losses
 from unialign_jax.methods.cmg import continual
 from unialign_jax.methods.cmg import evaluate as cmg_evaluate
 from unialign_jax.methods.cmg import model as cmg_model
 from unialign_jax.methods.cmg import step as cmg_step
+from unialign_jax.nn import cmg as cmg_nn
 
 from tiny import tiny_continual_config
 
@@ -110,12 +112,15 @@ def test_ewc_protects_the_adapter_and_optionally_the_mediator_encoder():
     params = {"adapter": {"common": {"kernel": 1}, "specific_text": {"kernel": 2}, "specific_image": {"kernel": 3}},
               "semantic_encoder_text": {"dense": {"kernel": 4}}, "semantic_encoder_image": {"dense": {"kernel": 5}}}
     pairs = [("video", "text"), ("image", "text")]
-    for arg, extra in (("", []), ("ewc_mediator=true,ewc_lambda=1e4", ["semantic_encoder_text/dense/kernel"])):
+    params["adapter"]["router"] = {"kernel": 6}
+    for arg, extra in (("", []), ("ewc_mediator=true,ewc_lambda=1e4", ["semantic_encoder_text/dense/kernel"]),
+                       ("ewc_router=true", ["adapter/router/kernel"])):
         config = cmg_config.continual_config(arg, pairs, comet=True)
         stage = loop.stage_specs(config)[0]  # video-text: the image layers are not activated
         protected = _flat(optim.split_params(params, continual.ewc_patterns(config, stage))[0])
-        assert sorted(protected) == ["adapter/common/kernel", "adapter/specific_text/kernel", *extra]
-    assert config.continual.ewc_strength == 1e4
+        assert sorted(protected) == sorted(["adapter/common/kernel", "adapter/specific_text/kernel", *extra])
+        if arg.startswith("ewc_mediator"):
+            assert config.continual.ewc_strength == 1e4
 
 
 def test_fisher_measures_this_stage_loss_without_the_earlier_ewc_penalty(finished_run):
@@ -187,3 +192,110 @@ def test_reevaluation_from_checkpoints_reproduces_the_results(finished_run, tmp_
     for before, after in zip(results, again):
         assert after["metrics"] == pytest.approx(before["metrics"])
     assert os.path.exists(os.path.join(copy, "results", "accuracy_matrix.png"))
+
+
+def test_fisher_magnitude_is_saved_with_the_stage_fisher(finished_run):
+    config, workdir, _ = finished_run
+    first = loop.stage_specs(config)[0]
+    saved = ckpt_lib.load_tree(os.path.join(workdir, first.folder, continual.ARTIFACTS_FOLDER))
+    values = np.concatenate([np.ravel(v) for v in jax.tree.leaves(saved["fisher"])])
+    np.testing.assert_allclose(saved["fisher_magnitude"]["mean"], values.mean(), rtol=1e-6)
+    np.testing.assert_allclose(saved["fisher_magnitude"]["max"], values.max(), rtol=1e-6)
+
+
+def _mediator_paths(flat_params):
+    return sorted(p for p in flat_params if p.startswith(("semantic_encoder_text/", "adapter/router/",
+                                                          "adapter/common/", "adapter/specific_text/")))
+
+
+def _step_and_batch(config, stage, state):
+    """The jitted train step of `stage` and one of its training batches."""
+    mesh = parallel.make_mesh(config.mesh)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
+    step = cmg_step.CMGStep(config, stage, mesh, abstract, loop.state_shardings(abstract, mesh, ()))
+    batch = next(cmg_model.train_iterator(config, stage))
+    return step, {m: jax.numpy.asarray(batch[m]) for m in stage.modalities}
+
+
+def test_frozen_pmr_teacher_and_distillation_read_the_stage_start_mediator(finished_run):
+    config, workdir, _ = finished_run
+    config = config.copy_and_resolve_references()
+    config.continual.pmr_teacher = "frozen"
+    config.continual.mediator_distillation = 1.0
+    first, second = loop.stage_specs(config)
+    stage1, _ = _final(workdir, first)
+    start = continual.next_stage_state(config, second, workdir)
+    snapshot = _flat(start.carry["mediator_teacher"])
+    stage1_all = _flat(optim.merge_params(stage1["params"], stage1["frozen"]))
+    assert sorted(snapshot) == _mediator_paths(stage1_all)
+    for path, value in snapshot.items():
+        np.testing.assert_array_equal(value, stage1_all[path])
+
+    step, batch = _step_and_batch(config, second, start)
+
+    def mediator_features(state, live):
+        if not live:
+            return step._mediator_teacher_features(state, batch)
+        return step.model.apply({"params": optim.merge_params(state.params, state.frozen)}, batch["text"], "text",
+                                method=cmg_nn.CMGModel.semantic_features)
+
+    def replay(state, live):  # on the stage-start codebook, so only the mediator features differ
+        state = state.replace(quantizer=start_quantizer)
+        all_params = optim.merge_params(state.params, state.frozen)
+        return step._pseudo_modality(state, all_params, mediator_features(state, live))["semantic"]
+
+    # Training moves the mediator; the snapshot (the teacher) does not move, the distillation is active.
+    start_quantizer = jax.device_get(start.quantizer)
+    state = jax.tree.map(jax.numpy.array, start)  # a copy: the step donates its input state
+    for _ in range(3):
+        state, metrics = step(state, batch)
+    assert float(metrics["loss/distill"]) > 0
+    for path, value in _flat(state.carry["mediator_teacher"]).items():
+        np.testing.assert_array_equal(value, snapshot[path])
+    moved = _flat(state.params)
+    assert any(not np.array_equal(moved[p], snapshot[p]) for p in snapshot if p in moved)
+    # The frozen teacher's features and replay sequence ignore the drift; the live ones follow it.
+    np.testing.assert_array_equal(mediator_features(state, live=False), mediator_features(start, live=False))
+    assert not np.allclose(mediator_features(state, live=True), mediator_features(start, live=True))
+    np.testing.assert_array_equal(replay(state, live=False), replay(start, live=False))
+    assert not np.array_equal(replay(state, live=True), replay(start, live=True))
+
+
+def test_codes_owned_by_share_counts_each_modality_separately():
+    codes = {"video": np.asarray([[0, 0, 0, 1], [0, 0, 0, 0]]),  # shares 7/8, 1/8
+             "audio": np.asarray([3, 3, 4, 4, 4, 4, 4, 4, 4, 4])}  # shares 2/10, 8/10
+    np.testing.assert_array_equal(continual.codes_owned_by_share(codes, 6, 0.15),
+                                  [True, False, False, True, True, False])
+    np.testing.assert_array_equal(continual.codes_owned_by_share(codes, 6, 0.1),
+                                  [True, True, False, True, True, False])
+    assert not continual.codes_owned_by_share({}, 4, 0.1).any()
+
+
+def test_codes_the_absent_modality_still_uses_are_owned_and_left_alone(finished_run):
+    config, workdir, _ = finished_run
+    config = config.copy_and_resolve_references()
+    config.continual.own_codes = True
+    first, second = loop.stage_specs(config)
+    start = continual.next_stage_state(config, second, workdir)
+    owned = np.asarray(start.quantizer["quantizer"]["owned"])
+    # Audio (absent from stage 2) on its stage-1 data, encoded at the boundary: the codes it owns.
+    stage1, _ = _final(workdir, first)
+    model, _ = cmg_model.build_models(config, second)
+    audio = pipeline.load_split(first.data, "train", modalities=("audio",),
+                                          max_examples=config.continual.growth_examples)["audio"]
+    codes = model.apply({"params": optim.merge_params(stage1["params"], stage1["frozen"]),
+                         "quantizer": stage1["quantizer"]}, {"audio": audio}, method=cmg_nn.CMGModel.encode)
+    shares = np.bincount(np.ravel(codes["audio"][0]), minlength=owned.size) / np.size(codes["audio"][0])
+    np.testing.assert_array_equal(owned, shares >= config.continual.code_owner_min_share)
+    assert 0 < owned.sum() and not owned[16:].any()  # some old codes; never the new ones
+
+    step, batch = _step_and_batch(config, second, start)
+    before = jax.device_get(start.quantizer["quantizer"])
+    state = jax.tree.map(jax.numpy.array, start)
+    for _ in range(3):
+        state, _ = step(state, batch)
+    after = jax.device_get(state.quantizer["quantizer"])
+    for name in ("embedding", "ema_weight", "ema_count"):
+        np.testing.assert_array_equal(after[name][owned], before[name][owned])
+    active = np.arange(owned.size) < int(after["active_count"])
+    assert not np.allclose(after["embedding"][active & ~owned], before["embedding"][active & ~owned])

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from unialign_jax.losses import continual as continual_losses
 from unialign_jax.losses import ewc_penalty, gate_load_balance_loss
 
 
@@ -85,3 +86,35 @@ def test_ewc_penalty_names_mismatched_trees():
         ewc_penalty(params, {"common": jnp.zeros(3)}, {"common": jnp.zeros(3)}, 1.0)
     with pytest.raises(ValueError, match="same tree structure"):
         ewc_penalty(params, {"common": jnp.zeros(4)}, {"common": jnp.zeros(4), "x": jnp.zeros(1)}, 1.0)
+
+
+def test_empirical_fisher_is_the_mean_of_squared_micro_batch_gradients(precision):
+    """Least squares L_n(w) = ½ mean_i (w·x_ni − y_ni)², so g_n = mean_i (w·x_ni − y_ni) x_ni by hand."""
+    dtype, rtol = precision
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(size=(6, 2, 3)).astype(dtype), rng.normal(size=(6, 2)).astype(dtype)  # 6 micro-batches of 2
+    w = rng.normal(size=3).astype(dtype)
+
+    def grad_fn(micro_batch):
+        return {"w": jax.grad(lambda w: 0.5 * jnp.mean((micro_batch["x"] @ w - micro_batch["y"]) ** 2))(w)}
+
+    residual = np.einsum("nid,d->ni", x.astype(np.float64), w) - y
+    per_micro_batch = np.einsum("ni,nid->nd", residual, x.astype(np.float64)) / 2
+    fisher = jax.jit(continual_losses.empirical_fisher, static_argnums=0)(grad_fn, {"x": x, "y": y})
+    np.testing.assert_allclose(fisher["w"], np.mean(per_micro_batch**2, axis=0), rtol=rtol)
+    assert np.all(np.asarray(fisher["w"]) > np.mean(per_micro_batch, axis=0) ** 2)  # not the squared mean
+
+
+def test_fisher_magnitude_and_feature_distillation_against_numpy():
+    fisher = {"a": jnp.array([[1.0, 4.0]]), "b": {"c": jnp.array([0.5])}}
+    magnitude = continual_losses.fisher_magnitude(fisher)
+    np.testing.assert_allclose([magnitude["mean"], magnitude["max"]], [5.5 / 3, 4.0], rtol=1e-6)
+    assert continual_losses.fisher_magnitude({})["max"] == 0
+    rng = np.random.default_rng(6)
+    student, teacher = rng.normal(size=(2, 3, 4, 5)).astype(np.float32)
+    expected = np.sum((student.astype(np.float64) - teacher) ** 2) / student.size
+    np.testing.assert_allclose(continual_losses.feature_distillation_loss(student, teacher), expected, rtol=1e-6)
+    gradient = jax.grad(lambda t: continual_losses.feature_distillation_loss(jnp.asarray(student), t))(teacher)
+    assert np.all(gradient == 0)  # the teacher is a constant
+    with pytest.raises(ValueError, match="differ in shape"):
+        continual_losses.feature_distillation_loss(student, teacher[:, :2])

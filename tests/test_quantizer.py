@@ -408,3 +408,28 @@ def test_init_codebook_rows_from_features_finds_clusters():
     assert rows.shape == (3, CODE_DIM)
     order = np.argsort(np.argmax(np.asarray(rows), axis=-1))
     np.testing.assert_allclose(rows[order], centers, atol=0.1)
+
+
+def test_owned_codes_are_chosen_but_never_updated_or_restarted():
+    # Codes 0-3 active, 1 and 3 owned; audio and text use codes 0 and 1 every step, never 2 or 3.
+    module = vq.VectorQuantizer(codebook_capacity=5, code_dim=2, initial_active_codes=4,
+                                modalities=("audio", "text"), dead_code_steps=1, active_code_steps=1)
+    embedding = jnp.asarray([[0, 0], [10, 0], [0, 10], [10, 10], [-10, -10]], jnp.float32)
+    owned = jnp.asarray([False, True, False, True, False])
+    state = {"embedding": embedding, "ema_weight": embedding, "ema_count": jnp.ones((5,), jnp.float32),
+             "unused_steps": jnp.full((5,), -1, jnp.int32), "active_count": jnp.asarray(4, jnp.int32)}
+    features = jnp.asarray([[[1, 1], [9, 1]]], jnp.float32)
+    features = {"audio": features, "text": features}
+    step = jax.jit(functools.partial(_apply, module, update=True))
+    free, owning = state, {**state, "owned": owned}
+    for seed in range(3):
+        output, owning = step(owning, features, seed=seed)
+        np.testing.assert_array_equal(output.codes["audio"], [[0, 1]])  # the owned code 1 is still chosen
+        _, free = step(free, features, seed=seed)
+    np.testing.assert_array_equal(owning["owned"], owned)
+    for name in ("embedding", "ema_weight", "ema_count"):  # owned rows 1 and 3 as they were
+        np.testing.assert_array_equal(owning[name][jnp.array([1, 3])], state[name][jnp.array([1, 3])])
+    assert not np.allclose(free["embedding"][1], embedding[1])  # without ownership the EMA moves code 1
+    assert not np.allclose(free["embedding"][3], embedding[3])  # ... and dead code 3 is restarted
+    offsets = owning["embedding"][2] - owning["embedding"][jnp.array([0, 1])]  # free dead code 2 restarted
+    assert float(jnp.min(jnp.max(jnp.abs(offsets), axis=-1))) <= 1 / 1024

@@ -60,3 +60,16 @@ def tiny_continual_config(data_dir: str, steps: int = 4, comet: bool = True):
                      configlib.stage("image_text", ("image", "text"), second, steps=steps, codebook_rows=8,
                                      mediator="text")]
     return config
+
+
+def tiny_joint_config(data_dir: str, steps: int = 4):
+    """ONE stage training audio-text and image-text together (mixed batches) on the tiny model."""
+    config = tiny_cmg_config(data_dir, modalities=("audio", "text", "image"), steps=steps)
+    groups = []
+    for pair, concepts in ((("audio", "text"), (0, 1, 2, 3, 4, 5)), (("image", "text"), (3, 4, 5, 6, 7, 8))):
+        data = configlib.synthetic_data(pair, TINY_SHAPES, concepts=concepts, num_train=200, num_test=100)
+        data.data_dir = data_dir
+        groups.append((pair, data))
+    config.stages = [configlib.stage("joint", ("audio", "text", "image"), groups[0][1], steps=steps,
+                                     codebook_rows=32, pairs=tuple(groups))]
+    return config

@@ -165,14 +165,13 @@ def stage(
     steps: int,
     codebook_rows: int,
     mediator: str = "",
+    pairs: tuple[tuple[tuple[str, ...], ml_collections.ConfigDict], ...] = (),
 ) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(
-        dict(
-            name=name,
-            modalities=tuple(modalities),
-            mediator=mediator,
-            data=data,
-            steps=steps,
-            codebook_rows=codebook_rows,
-        )
-    )
+    """One stage entry. `pairs`: ((modalities, data), ...) for a stage of several groups trained
+    together in mixed batches; then `modalities` is their union and `data` the first group's."""
+    entry = {"name": name, "modalities": tuple(modalities), "mediator": mediator, "data": data, "steps": steps,
+             "codebook_rows": codebook_rows}
+    if pairs:
+        entry["pairs"] = [ml_collections.ConfigDict({"modalities": tuple(group), "data": group_data})
+                          for group, group_data in pairs]
+    return ml_collections.ConfigDict(entry)

@@ -59,6 +59,11 @@ class StageSpec:
     data: ml_collections.ConfigDict
     seen_modalities: tuple[str, ...]  # every modality of this and earlier stages, in config order
     replay_partner: str | None  # the previous stage's non-mediator modality (COMET PMR)
+    # A stage of several groups trained together in mixed batches (e.g. video-text, audio-text and
+    # image-text, video and audio never paired): the groups, each (lead, partners...), and their
+    # data; empty for a stage of one group, `modalities` read from `data`.
+    pairs: tuple[tuple[str, ...], ...] = ()
+    pair_data: tuple[ml_collections.ConfigDict, ...] = ()
 
     @property
     def folder(self) -> str:
@@ -73,10 +78,12 @@ def stage_specs(config: ml_collections.ConfigDict) -> list[StageSpec]:
         partner = None
         if i > 0 and mediator:
             partner = next(m for m in config.stages[i - 1].modalities if m != mediator)
+        pairs = s.get("pairs") or ()
         specs.append(StageSpec(
             index=i, name=s.name, modalities=tuple(s.modalities), mediator=mediator, steps=int(s.steps),
             codebook_rows=int(s.codebook_rows), data=s.data,
-            seen_modalities=tuple(m for m in config.model.modalities if m in seen), replay_partner=partner))
+            seen_modalities=tuple(m for m in config.model.modalities if m in seen), replay_partner=partner,
+            pairs=tuple(tuple(p.modalities) for p in pairs), pair_data=tuple(p.data for p in pairs)))
     return specs
 
 

@@ -17,7 +17,13 @@ from unialign_jax.losses.contrastive import (
     info_nce,
     l2_normalize,
 )
-from unialign_jax.losses.continual import ewc_penalty, gate_load_balance_loss
+from unialign_jax.losses.continual import (
+    empirical_fisher,
+    ewc_penalty,
+    feature_distillation_loss,
+    fisher_magnitude,
+    gate_load_balance_loss,
+)
 from unialign_jax.losses.unialign import (
     UNIALIGN_LOSS_TERMS,
     anchor_distillation_loss,
@@ -37,7 +43,10 @@ __all__ = [
     "cross_cpc_loss",
     "diagonal_log_softmax",
     "diagonal_top1_accuracy",
+    "empirical_fisher",
     "ewc_penalty",
+    "feature_distillation_loss",
+    "fisher_magnitude",
     "gate_load_balance_loss",
     "info_nce",
     "l2_normalize",

@@ -1,5 +1,7 @@
-"""COMET continual-learning losses: CMoE gate load balancing (Eq. 4-5) and the EWC penalty (Eq. 6)."""
+"""Continual-learning losses: CMoE gate load balancing (COMET Eq. 4-5), the EWC penalty (Eq. 6) and
+its empirical Fisher, and feature distillation from a stage-start encoder (LwF-style, beyond COMET)."""
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -67,3 +69,44 @@ def ewc_penalty(params: Any, anchor: Any, fisher: Any, strength: float | jax.Arr
         importance, reference = jax.lax.stop_gradient((importance, reference))
         total = total + jnp.sum(importance * jnp.square(value - reference))
     return jnp.asarray(0.5 * strength * total)
+
+
+def empirical_fisher(grad_fn: Callable[[Any], Any], micro_batches: Any) -> Any:
+    """Diagonal empirical Fisher from N micro-batches: F = (1/N) Σ_n g_n ⊙ g_n, g_n = ∇L(micro-batch n).
+
+    `micro_batches` is a pytree whose leaves share a leading axis of length N; `grad_fn(one)` maps one
+    micro-batch (the leaves without that axis) to a gradient tree. The squares are taken before the
+    mean, so F measures how strongly each parameter's gradient varies over the data, unlike the square
+    of one batch-mean gradient ((1/N Σ_n g_n)², ~N times smaller for independent noise). With
+    micro-batches of m examples of a mean loss, F ≈ μ² + σ²/m (μ, σ² the per-example gradient's mean
+    and variance). The micro-batches run one after another (`lax.scan`), so memory is one gradient.
+    """
+    first = jax.tree.map(lambda x: x[0], micro_batches)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(grad_fn, first))
+
+    def add_square(total, micro_batch):
+        return jax.tree.map(lambda t, g: t + jnp.square(g), total, grad_fn(micro_batch)), None
+
+    total, _ = jax.lax.scan(add_square, zeros, micro_batches)
+    count = jax.tree.leaves(micro_batches)[0].shape[0]
+    return jax.tree.map(lambda t: t / count, total)
+
+
+def fisher_magnitude(fisher: Any) -> dict[str, jax.Array]:
+    """Scale of a Fisher tree: `mean` = Σ_i F_i / n and `max` = max_i F_i over all n entries (0 if empty)."""
+    leaves = [jnp.ravel(leaf) for leaf in jax.tree.leaves(fisher)]
+    if not leaves:
+        return {"mean": jnp.zeros(()), "max": jnp.zeros(())}
+    values = jnp.concatenate(leaves)
+    return {"mean": jnp.mean(values), "max": jnp.max(values)}
+
+
+def feature_distillation_loss(student: jax.Array, teacher: jax.Array) -> jax.Array:
+    """Feature distillation from a frozen teacher (LwF-style): (1/(B·T·D)) Σ_{b,t,d} (s_btd − sg(t_btd))².
+
+    student: [..., D] features of the encoder being trained; teacher: the same inputs' features from a
+    frozen copy (e.g. the mediator encoder at the start of the stage); no gradient flows into it.
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(f"student features {student.shape} and teacher features {teacher.shape} differ in shape.")
+    return jnp.mean(jnp.square(student - jax.lax.stop_gradient(teacher)))

@@ -575,6 +575,12 @@ class CMGModel(nn.Module):
         encoded = {m: (codebook.codes[m], codebook.code_vectors[m]) for m in present}
         return encoded, as_float32(router_probs)
 
+    def semantic_features(self, inputs: Array, modality: str) -> Array:
+        """Deterministic semantic features [B, T, D] of one modality (after the adapter): what is
+        quantized. Reads only that modality's semantic path (video pooler, semantic encoder, adapter
+        router, common and `specific_{modality}` layers), so a params tree of just those works."""
+        return as_float32(self._semantic(modality, inputs, deterministic=True)[0])
+
     def _semantic(
         self, modality: str, inputs: Array, *, deterministic: bool
     ) -> tuple[Array, Array | None]:

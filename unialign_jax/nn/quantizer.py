@@ -13,6 +13,7 @@ State (flax collection `quantizer`, never a param, never seen by the optimizer):
 | `ema_count`    | f32[C]        | Laplace-smoothed EMA assignment count N_k                        |
 | `unused_steps` | int32[C]      | training steps since code k was last chosen (-1 = fresh code)    |
 | `active_count` | int32[]       | codes [0, active_count) are active, the others are not yet used  |
+| `owned`        | bool[C]       | optional: codes reserved for modalities absent from this stage   |
 
 C = `codebook_capacity` is static and `active_count` dynamic, so growth inside the capacity changes
 no shape (no recompilation). Inactive codes never win a nearest-code search, never receive EMA
@@ -41,6 +42,13 @@ Training step (`update=True`), in the reference order:
    U(−restart_noise, restart_noise) noise. If no code is activated, nothing is restarted that step.
    The random numbers come from the flax rng stream `quantizer`: `update=True` needs
    `rngs={"quantizer": key}`.
+
+Owned codes (optional `owned` entry, COMET continual runs with `continual.own_codes`; absent = no
+code owned): an owned code is still chosen by the nearest-code search of every modality, but neither
+the MM-EMA nor a restart changes it (its `embedding`, `ema_weight` and `ema_count` stay as they are;
+the Laplace smoothing runs over the active codes that are not owned). Which codes are owned is
+decided between stages (`methods.cmg.continual.owned_codes`): those that a modality absent from the
+stage, whose encoder is frozen, still maps its data to.
 
 Deviations from the reference, all deliberate:
 
@@ -217,6 +225,9 @@ class VectorQuantizer(nn.Module):
 
         codebook = embedding.value
         active_mask = jnp.arange(capacity) < active_count.value
+        updatable = active_mask
+        if self.has_variable(QUANTIZER_COLLECTION, "owned"):
+            updatable = active_mask & ~self.get_variable(QUANTIZER_COLLECTION, "owned")
         quantized, code_vectors, codes, squared_distances = {}, {}, {}, {}
         for modality in present:
             z = features[modality]
@@ -241,11 +252,11 @@ class VectorQuantizer(nn.Module):
                 "unused_steps": unused_steps.value,
             }
             state = _mm_ema_update(
-                state, flat_features, flat_codes, active_mask, active_count.value,
+                state, flat_features, flat_codes, updatable, jnp.sum(updatable),
                 feature_weights=_mm_ema_feature_weights(len(present), self.own_feature_weight),
                 decay=self.decay, epsilon=self.epsilon)
             state = _restart_dead_codes(
-                state, flat_codes, active_mask, self.make_rng(RNG_STREAM),
+                state, flat_codes, active_mask, updatable, self.make_rng(RNG_STREAM),
                 dead_code_steps=self.dead_code_steps, active_code_steps=self.active_code_steps,
                 restart_noise=self.restart_noise, reset_ema_on_restart=self.reset_ema_on_restart)
             embedding.value = state["embedding"]
@@ -327,6 +338,7 @@ def _restart_dead_codes(
     state: dict[str, jax.Array],
     codes: jax.Array,
     active_mask: jax.Array,
+    restartable: jax.Array,
     rng: jax.Array,
     *,
     dead_code_steps: int,
@@ -334,13 +346,14 @@ def _restart_dead_codes(
     restart_noise: float,
     reset_ema_on_restart: bool,
 ) -> dict[str, jax.Array]:
-    """Dead-code counter and restarts (module docstring, step 3), vectorised over the codes."""
+    """Dead-code counter and restarts (module docstring, step 3), vectorised over the codes; only
+    `restartable` [C] codes (the active ones that are not owned) can be restarted."""
     embedding = state["embedding"]
     capacity = embedding.shape[0]
     used = jnp.zeros((capacity,), bool).at[codes.reshape(-1)].set(True)
     unused = jnp.where(active_mask, state["unused_steps"] + 1, state["unused_steps"])
     unused = jnp.where(used, 0, unused)
-    dead = active_mask & (unused > dead_code_steps)
+    dead = restartable & (unused > dead_code_steps)
     sources = active_mask & (unused >= 0) & (unused < active_code_steps) & ~dead
     restart = dead & jnp.any(sources)
 

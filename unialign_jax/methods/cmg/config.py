@@ -61,13 +61,10 @@ def validate(config: ml_collections.ConfigDict, dataset_modalities=pipeline.data
                 raise ConfigError(
                     f"{where}.mediator: {mediator!r} was never seen in an earlier stage (seen: {sorted(seen)})."
                 )
-        try:
-            available = dataset_modalities(stage.data)
-        except ValueError as error:
-            raise ConfigError(f"{where}.data: {error}") from error
-        missing = [m for m in stage_modalities if m not in available]
-        if missing:
-            raise ConfigError(f"{where}.data: dataset {stage.data.name!r} has no modality {missing}.")
+        if stage.get("pairs"):
+            _validate_pairs(where, stage, dataset_modalities)
+        else:
+            _validate_data(where, stage.data, stage_modalities, dataset_modalities)
         if stage.steps <= 0:
             raise ConfigError(f"{where}.steps must be positive, got {stage.steps}.")
         if stage.codebook_rows < 0 or (index == 0 and stage.codebook_rows == 0):
@@ -85,8 +82,60 @@ def validate(config: ml_collections.ConfigDict, dataset_modalities=pipeline.data
         if config.eval.paired and len({d.to_json(sort_keys=True) for d in eval_data.values()}) > 1:
             raise ConfigError("config.eval.paired is set but config.eval.data reads the modalities from different "
                               "datasets, whose rows are not instance pairs: set config.eval.paired=False.")
+    _validate_continual(config)
     if config.batch_size % max(1, config.get("num_processes", 1)) != 0:
         raise ConfigError(f"config.batch_size={config.batch_size} must divide evenly across processes.")
+
+
+def _validate_data(where: str, data: ml_collections.ConfigDict, modalities: tuple[str, ...],
+                   dataset_modalities) -> None:
+    try:
+        available = dataset_modalities(data)
+    except ValueError as error:
+        raise ConfigError(f"{where}.data: {error}") from error
+    missing = [m for m in modalities if m not in available]
+    if missing:
+        raise ConfigError(f"{where}.data: dataset {data.name!r} has no modality {missing}.")
+
+
+def _validate_pairs(where: str, stage: ml_collections.ConfigDict, dataset_modalities) -> None:
+    """A stage of several groups: each group a known pair (or more) in its own dataset, distinct
+    leads (the mixed batch is keyed by them), `modalities` their union, and no mediator."""
+    leads, union = set(), set()
+    for index, pair in enumerate(stage.pairs):
+        group = tuple(pair.modalities)
+        if len(group) < 2:
+            raise ConfigError(f"{where}.pairs[{index}].modalities: a group needs two modalities, got {group}.")
+        if group[0] in leads:
+            raise ConfigError(f"{where}.pairs[{index}].modalities: lead modality {group[0]!r} repeats; each "
+                              "group's first modality must be its own.")
+        leads.add(group[0])
+        union.update(group)
+        _validate_data(f"{where}.pairs[{index}]", pair.data, group, dataset_modalities)
+    if union != set(stage.modalities):
+        raise ConfigError(f"{where}.modalities {tuple(stage.modalities)} must be the union of its pairs "
+                          f"{sorted(union)}.")
+    if stage.get("mediator"):
+        raise ConfigError(f"{where}.mediator: a stage of several pairs has no mediator (PMR, growth rows and "
+                          "distillation read one pair).")
+
+
+def _validate_continual(config: ml_collections.ConfigDict) -> None:
+    continual = config.continual
+    if continual.pmr_teacher not in ("live", "frozen"):
+        raise ConfigError(f"config.continual.pmr_teacher must be 'live' or 'frozen', got {continual.pmr_teacher!r}.")
+    if not continual.mediator_distillation >= 0:
+        raise ConfigError("config.continual.mediator_distillation must be >= 0, got "
+                          f"{continual.mediator_distillation!r}.")
+    micro = continual.fisher_micro_batch_size
+    if isinstance(micro, bool) or not isinstance(micro, int) or micro < 1 or config.batch_size % micro:
+        raise ConfigError(f"config.continual.fisher_micro_batch_size={micro!r} must be a positive integer "
+                          f"dividing config.batch_size={config.batch_size}.")
+    if not 0 < continual.code_owner_min_share <= 1:
+        raise ConfigError("config.continual.code_owner_min_share must be in (0, 1], got "
+                          f"{continual.code_owner_min_share!r}.")
+    if continual.fisher_batches < 1:
+        raise ConfigError(f"config.continual.fisher_batches must be >= 1, got {continual.fisher_batches}.")
 
 
 # Feature shapes per modality: the CMG reference dimensions and a small CPU-friendly variant.
@@ -196,8 +245,20 @@ def cmg_config(*, size: str, modalities: tuple[str, ...], data: str = "synthetic
             ("other", r".*"),
         ],
     )
-    c.continual = dict(pseudo_modality=False, ewc=False, ewc_strength=1.0, ewc_extra=(), fisher_batches=10,
-                       growth_examples=500)
+    c.continual = dict(
+        pseudo_modality=False,
+        pmr_teacher="live",  # 'live' (the paper): PMR reads the current mediator; 'frozen': its stage-start copy
+        ewc=False,
+        ewc_strength=1.0,
+        ewc_router=False,  # beyond the paper's scope: EWC also on the adapter's router
+        ewc_extra=(),
+        fisher_batches=10,
+        fisher_micro_batch_size=4,  # examples per squared gradient of the empirical Fisher
+        mediator_distillation=0.0,  # weight of the feature distillation from the stage-start mediator
+        own_codes=False,  # beyond the paper: codes absent modalities still use are not updated or restarted
+        code_owner_min_share=0.01,  # ... where a code holds at least this share of such a modality's tokens
+        growth_examples=500,
+    )
     c.eval = dict(paired=data in ("synthetic", "features"), head_steps=400, head_learning_rate=1e-3, head_batch_size=64, batch_size=250, max_examples=1000, data=None)
     return c
 
@@ -224,13 +285,19 @@ def continual_config(arg: str | None, pairs: list[tuple[str, str]], *, mediator:
     `size=small|reference`, `seed=N`, `steps=N` (per stage), and the
     COMET switches of the paper's ablation (Table 6), each `true|false`: `pm` (Pseudo-Modality
     Replay), `moe` (CMoE-Adapter), `gate` (its load-balancing loss), `ewc`, `sl` (the adapter's
-    modality-specific layers); `ewc_lambda=X` (λ of Eq. 6, default 100; the paper gives none) and
-    `ewc_mediator=true` (beyond the paper: EWC also on the mediator's semantic encoder). COMET
+    modality-specific layers); `ewc_lambda=X` (λ of Eq. 6, default 1e4, chosen by a seed-0 sweep
+    over 1e2, 1e3, 1e4 with the empirical Fisher, README; the paper gives none).
+    Options beyond the paper (defaults: the paper's method): `ewc_mediator=true` (EWC also on the
+    mediator's semantic encoder), `ewc_router=true` (EWC also on the adapter's router),
+    `pmr_teacher=live|frozen` (PMR reads the live mediator, or a frozen copy of it as it was at the
+    start of the stage), `lwf=W` (feature distillation from that stage-start mediator, weight W),
+    `own_codes=true` (codes that absent modalities still use are neither EMA-updated nor restarted). COMET
     configs grow the codebook at every stage; the DCID baseline (`comet=False`: every switch off)
     keeps one fixed codebook of the same total size.
     """
     arg = configlib.parse_arg(arg, data="digits", size="small", seed=0, steps=0, pm=comet, moe=comet, gate=comet,
-                    ewc=comet, sl=comet, ewc_lambda=100.0, ewc_mediator=False, datasets="", eval_dataset="")
+                    ewc=comet, sl=comet, ewc_lambda=1e4, ewc_mediator=False, ewc_router=False,
+                    pmr_teacher="live", lwf=0.0, own_codes=False, datasets="", eval_dataset="")
     modalities = tuple(dict.fromkeys(m for pair in pairs for m in pair))
     data_name = resolve_data(arg.data, modalities)
     config = cmg_config(size=arg.size, modalities=modalities, data=data_name)
@@ -246,6 +313,10 @@ def continual_config(arg: str | None, pairs: list[tuple[str, str]], *, mediator:
     config.continual.pseudo_modality = arg.pm
     config.continual.ewc = arg.ewc and arg.moe  # EWC protects the adapter's layers (COMET §3.2)
     config.continual.ewc_strength = float(arg.ewc_lambda)
+    config.continual.ewc_router = arg.ewc_router
+    config.continual.pmr_teacher = arg.pmr_teacher
+    config.continual.mediator_distillation = float(arg.lwf)
+    config.continual.own_codes = arg.own_codes
     if arg.ewc_mediator:  # beyond the paper: also protect the mediator's semantic encoder
         config.continual.ewc_extra = (rf"^semantic_encoder_{mediator}/",)
     steps = arg.steps or (3000 if reference else 400)
@@ -291,6 +362,46 @@ def _numbers_dataset(pair: tuple[str, ...], mediator: str) -> str:
 
     (modality,) = [m for m in pair if m != mediator]
     return numbers.MODALITY_DATASETS[modality]
+
+
+def joint_config(arg: str | None, pairs: list[tuple[str, str]]) -> ml_collections.ConfigDict:
+    """The joint bound of a continual run: ONE stage that trains every pair of `pairs` together in
+    mixed batches (`model.train_iterator`; e.g. video and audio never paired).
+
+    Each pair keeps the classes of its stage in the continual run (`concept_windows`: 0-5, 2-7, 4-9)
+    and its own shuffle of the data; a step sees one batch of every pair, so `steps` (default 400,
+    one continual stage's) gives every pair as many batches as in the continual run. The model and
+    codebook (all stages' codes, active from the start) are COMET's; `moe=false` drops the adapter,
+    `sl=false` its specific layers, `gate=false` its gate loss. Arg string otherwise as
+    `continual_config` (`data=digits|synthetic`, `size`, `seed`, `steps`).
+    """
+    arg = configlib.parse_arg(arg, data="digits", size="small", seed=0, steps=0, moe=True, gate=True, sl=True)
+    modalities = tuple(dict.fromkeys(m for pair in pairs for m in pair))
+    data_name = resolve_data(arg.data, modalities)
+    if data_name == "features":
+        raise ValueError("joint_config reads digits or synthetic data; data=features is not supported.")
+    config = cmg_config(size=arg.size, modalities=modalities, data=data_name)
+    config.seed = arg.seed
+    reference = arg.size == "reference"
+    total_rows = (400 + 100 * (len(pairs) - 1)) if reference else (48 + 16 * (len(pairs) - 1))
+    config.quantizer.codebook_capacity = total_rows
+    config.quantizer.initial_active_codes = total_rows
+    config.model.adapter_experts = 6 if arg.moe else 0
+    config.model.adapter_specific_layers = arg.sl
+    config.loss.weights.gate = 1.0 if (arg.moe and arg.gate) else 0.0
+    shapes = dict(config.model.input_shapes)
+    groups = []
+    for pair, concepts in zip(pairs, concept_windows(len(pairs))):
+        if data_name == "digits":
+            groups.append((pair, configlib.digits_data(classes=concepts, seed=arg.seed)))
+        else:
+            groups.append((pair, configlib.synthetic_data(pair, shapes, concepts=concepts, seed=arg.seed)))
+    steps = arg.steps or (3000 if reference else 400)
+    config.stages = [configlib.stage("joint", modalities, groups[0][1], steps=steps, codebook_rows=total_rows,
+                                     pairs=tuple(groups))]
+    config.eval.data = (configlib.digits_data(seed=arg.seed) if data_name == "digits"
+                        else configlib.synthetic_data(modalities, shapes, seed=arg.seed))
+    return config
 
 
 def _stage_datasets(datasets: str, num_stages: int) -> list[str]:

@@ -66,13 +66,15 @@ def encode_split(model, variables: dict, data: dict, modalities, batch_size: int
 
 
 def trained_classes(stages: list[StageSpec]) -> dict[str, tuple[int, ...]]:
-    """{modality: the sorted labels of the train splits of the `stages` that trained it}."""
+    """{modality: the sorted labels of the train splits of the `stages` that trained it} (in a stage of
+    several pairs, each pair's own data)."""
     classes: dict[str, set[int]] = {}
     for stage in stages:
-        source = pipeline.build_source(stage.data, "train")
-        labels = {int(example["label"]) for example in source.__getitems__(range(len(source)))}
-        for modality in stage.modalities:
-            classes.setdefault(modality, set()).update(labels)
+        for modalities, data in (zip(stage.pairs, stage.pair_data) if stage.pairs else [(stage.modalities, stage.data)]):
+            source = pipeline.build_source(data, "train")
+            labels = {int(example["label"]) for example in source.__getitems__(range(len(source)))}
+            for modality in modalities:
+                classes.setdefault(modality, set()).update(labels)
     return {modality: tuple(sorted(labels)) for modality, labels in classes.items()}
 
 

@@ -65,17 +65,23 @@ class CMGMethod:
         """Random arrays with the keys and shapes of one training batch (benchmarks)."""
         rng = np.random.default_rng(seed)
         shapes = config.model.input_shapes
-        batch = {m: rng.standard_normal((config.batch_size, *shapes[m])).astype(np.float32)
-                 for m in stage.modalities}
+
+        def rows(modality):
+            return rng.standard_normal((config.batch_size, *shapes[modality])).astype(np.float32)
+
+        if stage.pairs:  # mixed batches (`model.train_iterator`)
+            return {f"{group[0]}/{'inputs' if m == group[0] else m}": rows(m) for group in stage.pairs for m in group}
+        batch = {m: rows(m) for m in stage.modalities}
         seq_len = shapes[stage.modalities[0]][0]
         batch["label"] = rng.integers(0, 10, (config.batch_size,)).astype(np.int32)
         batch["step_labels"] = rng.integers(0, 10, (config.batch_size, seq_len)).astype(np.int32)
         return batch
 
     def tokens_per_step(self, config: ml_collections.ConfigDict, stage: StageSpec, abstract_state) -> int:
-        """Batch x time steps x modalities."""
+        """Batch x time steps x modalities (summed over the groups of a stage of several)."""
         del abstract_state
-        return config.batch_size * config.model.input_shapes[stage.modalities[0]][0] * len(stage.modalities)
+        modalities = sum(len(group) for group in stage.pairs) or len(stage.modalities)
+        return config.batch_size * config.model.input_shapes[stage.modalities[0]][0] * modalities
 
     def export_fields(self, config: ml_collections.ConfigDict) -> tuple[str, ...]:
         """Every trained module (`frozen` holds the modules of modalities absent from the stage) and the

@@ -13,7 +13,7 @@ import ml_collections
 import optax
 
 from unialign_jax import optim
-from unialign_jax.data import pipeline
+from unialign_jax.data import mixed, pipeline
 from unialign_jax.loop import StageSpec, TrainState
 from unialign_jax.nn import cmg as cmg_nn
 
@@ -79,11 +79,25 @@ def assemble_state(config: ml_collections.ConfigDict, stage: StageSpec, all_para
                       opt_state=tx.init(params), carry=carry, rng=rng)
 
 
-
-
 def train_iterator(config: ml_collections.ConfigDict, stage: StageSpec, *, seed_offset: int = 0):
     """The CMG/COMET training batches of a stage: its modalities from its dataset (`pipeline`), shuffled
-    with seed `config.seed + stage.index + seed_offset` (the Fisher estimate draws other batches)."""
+    with seed `config.seed + stage.index + seed_offset` (the Fisher estimate draws other batches).
+
+    A stage of several groups (`stage.pairs`) gets mixed batches (`data.mixed`): each group (lead,
+    partners...) is its own stream of `batch_size` rows of its dataset with its own shuffle, keyed
+    `{lead}/inputs` and `{lead}/{partner}`, so modalities of different groups never share an example.
+    """
+    if stage.pairs:
+        leads = [group[0] for group in stage.pairs]
+        return mixed.make_mixed_iterator(
+            dict(zip(leads, stage.pair_data)),
+            modalities=leads,
+            batch_sizes={lead: config.batch_size for lead in leads},
+            seed=config.seed + stage.index + seed_offset,
+            fields={group[0]: group[1:] for group in stage.pairs},
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
     return pipeline.make_train_iterator(
         stage.data,
         modalities=stage.modalities,
