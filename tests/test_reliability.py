@@ -114,15 +114,21 @@ def _params(state):
     return jax.tree.leaves(jax.device_get(state.params))
 
 
-def test_resume_goes_past_a_damaged_latest_checkpoint_to_the_same_result(tmp_path):
-    config = tiny_cmg_config(str(tmp_path / "data"), steps=8)
-    uninterrupted = _run_stage(config, str(tmp_path / "a"))
-    shutil.copytree(tmp_path / "a", tmp_path / "b")
-    step_dir = tmp_path / "b" / "stage_1_pretrain" / "8"
-    shutil.rmtree(step_dir / "state")  # the final checkpoint loses its state
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """(config, final state) of a tiny 8-step stage run without interruption (checkpoints at 4, 8)."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    config = tiny_cmg_config(str(root / "data"), steps=8)
+    return config, _run_stage(config, str(root / "run")), root / "run"
+
+
+def test_resume_goes_past_a_damaged_latest_checkpoint_to_the_same_result(uninterrupted, tmp_path):
+    config, final, workdir = uninterrupted
+    shutil.copytree(workdir, tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "stage_1_pretrain" / "8" / "state")  # the final checkpoint loses its state
     resumed = _run_stage(config, str(tmp_path / "b"))
     assert int(resumed.step) == 8
-    for a, b in zip(_params(resumed), _params(uninterrupted)):
+    for a, b in zip(_params(resumed), _params(final)):
         np.testing.assert_array_equal(a, b)
     assert any(name.startswith("8.damaged-") for name in os.listdir(tmp_path / "b" / "stage_1_pretrain"))
 
@@ -159,10 +165,11 @@ def test_the_data_a_workdir_was_trained_on_is_pinned(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "data.json").read_text()) == fsdd
 
 
-def test_sigterm_saves_the_current_step_and_the_rerun_is_bit_identical(tmp_path, monkeypatch):
-    config = tiny_cmg_config(str(tmp_path / "data"), steps=10)
-    config.checkpoint.every = 100  # only the stop and the end save
-    uninterrupted = _run_stage(config, str(tmp_path / "a"))
+def test_sigterm_saves_the_current_step_and_the_rerun_is_bit_identical(uninterrupted, tmp_path, monkeypatch):
+    config, final, _ = uninterrupted
+    config = config.copy_and_resolve_references()
+    for data in (config.stages[0].data, config.eval.data):
+        data.data_dir = str(tmp_path / "data")
 
     calls = []
     original = parallel.global_batch
@@ -179,19 +186,19 @@ def test_sigterm_saves_the_current_step_and_the_rerun_is_bit_identical(tmp_path,
         train.run(config, str(tmp_path / "b"))
     assert stop.value.exit_code == 0
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
-    assert sorted(os.listdir(tmp_path / "b" / "stage_1_pretrain")) == ["3"]
+    assert sorted(os.listdir(tmp_path / "b" / "stage_1_pretrain")) == ["3"]  # the stop's save, not only step 4's
     monkeypatch.setattr(parallel, "global_batch", original)
     train.run(config, str(tmp_path / "b"))
     stage = loop.stage_specs(config)[0]
     resumed = loop.restore_finished(config, stage, str(tmp_path / "b"), parallel.make_mesh(config.mesh))
-    for a, b in zip(_params(resumed), _params(uninterrupted)):
+    for a, b in zip(_params(resumed), _params(final)):
         np.testing.assert_array_equal(a, b)
 
 
 def test_sigterm_of_the_cli_exits_0_with_a_message(tmp_path):
     workdir = tmp_path / "run"
     process = subprocess.Popen(
-        [sys.executable, "-m", "unialign_jax.train", "--config=configs/cmg_avt.py:data=synthetic",
+        [sys.executable, "-m", "unialign_jax.train", "--config=configs/cmg_avt.py:data=synthetic,modalities=audio+text",
          f"--workdir={workdir}", "--config.log_every=1", "--config.stages[0].steps=100000",
          f"--config.stages[0].data.data_dir={tmp_path / 'data'}", f"--config.eval.data.data_dir={tmp_path / 'data'}"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

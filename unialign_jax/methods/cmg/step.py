@@ -203,8 +203,9 @@ class CMGStep(JittedStep):
 
         def loss_fn(diffs):
             """Σ over the groups of their CMG objectives (+ the mediator distillation)."""
-            loss, metrics = group_loss(0, diffs[0])
-            if len(diffs) > 1:
+            if len(diffs) == 1:
+                loss, metrics = group_loss(0, diffs[0])
+            else:
                 metrics = _sum_group_metrics([group_loss(i, d)[1] for i, d in enumerate(diffs)], groups)
                 loss = metrics["loss/total"]
             if teacher_features is not None and distill_weight:
