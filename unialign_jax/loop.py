@@ -287,7 +287,8 @@ class StopSignals:
         if self.received == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = signal.Signals(signum)
-        logger.warning("%s received: saving at the end of this step, then stopping.", self.received.name)
+        logger.warning("%s received: stopping after the current step (saved) or stage%s.", self.received.name,
+                       "; Ctrl-C again stops at once" if signum == signal.SIGINT else "")
 
     def should_stop(self, step: int) -> bool:
         if jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(step):
